@@ -1,0 +1,303 @@
+"""The Wan2.1 diffusion transformer (T2V and I2V).
+
+Parameters carry the official `WanModel` names, so an official checkpoint loads with `strict=True`. The computation is
+written as functions of plain tensors: `block_forward(x, e0, context, rope, w, cfg)` takes one block's weights as a flat
+dict, so a streamer or a compiled graph can feed it whichever buffer holds block i.
+
+Numerics follow the official code: timestep embedding, modulation, norms, RoPE and the residual stream in fp32; GEMMs
+and attention in the weights' dtype (bf16 on the GPU, fp32 in parity tests).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DiTConfig
+
+Weights = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------- rope
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of the head given to time, height, width (44, 42, 42 for head_dim 128), as the official code."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+@functools.lru_cache(maxsize=8)
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device | str = "cpu",
+                theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, head_dim // 2] fp32 for a (frames, height, width) token grid, tokens ordered f, h, w.
+
+    Angles are built in float64 as the official complex tables (`rope_params`), then rounded once to fp32.
+    """
+    angles = []
+    for axis, (n, d) in enumerate(zip(grid, rope_split(head_dim))):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        a = torch.outer(torch.arange(n, dtype=torch.float64), freqs)  # [n, d/2]
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        angles.append(a.view(shape).expand(*grid, d // 2))
+    a = torch.cat(angles, dim=-1).reshape(-1, head_dim // 2)
+    return a.cos().float().to(device), a.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] fp32 by the angles of cos/sin [L, D/2]."""
+    xr, xi = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------------------- the block
+def linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+    """x @ W.T + b in the weight's dtype."""
+    weight = w[f"{name}.weight"]
+    return F.linear(x.to(weight.dtype), weight, w.get(f"{name}.bias"))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+
+
+def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention, [B, L, H, D] in and [B, L, H*D] out, in v's dtype."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return y.transpose(1, 2).flatten(2)
+
+
+def self_attention(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: Weights, cfg: DiTConfig):
+    heads = (cfg.num_heads, cfg.head_dim)
+    q = rms_norm(linear(x, w, "self_attn.q"), w["self_attn.norm_q.weight"], cfg.eps).unflatten(-1, heads)
+    k = rms_norm(linear(x, w, "self_attn.k"), w["self_attn.norm_k.weight"], cfg.eps).unflatten(-1, heads)
+    v = linear(x, w, "self_attn.v").unflatten(-1, heads)
+    y = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+    return linear(y, w, "self_attn.o")
+
+
+def cross_attention(x: torch.Tensor, context: torch.Tensor, w: Weights, cfg: DiTConfig):
+    """context: [B, text_len, dim] (T2V), or [B, image_tokens + text_len, dim] with the image tokens first (I2V)."""
+    heads = (cfg.num_heads, cfg.head_dim)
+    text = context[:, -cfg.text_len:]
+    q = rms_norm(linear(x, w, "cross_attn.q"), w["cross_attn.norm_q.weight"], cfg.eps).unflatten(-1, heads)
+    k = rms_norm(linear(text, w, "cross_attn.k"), w["cross_attn.norm_k.weight"], cfg.eps).unflatten(-1, heads)
+    v = linear(text, w, "cross_attn.v").unflatten(-1, heads)
+    y = attention(q, k, v)
+    if cfg.model_type == "i2v":
+        image = context[:, :-cfg.text_len]
+        k_img = rms_norm(linear(image, w, "cross_attn.k_img"), w["cross_attn.norm_k_img.weight"], cfg.eps)
+        v_img = linear(image, w, "cross_attn.v_img").unflatten(-1, heads)
+        y = y + attention(q, k_img.unflatten(-1, heads), v_img)
+    return linear(y, w, "cross_attn.o")
+
+
+def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  w: Weights, cfg: DiTConfig) -> torch.Tensor:
+    """One Wan block. x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32 time projection; context [B, Lc, dim]
+    embedded text (and image) tokens; rope: cos, sin [L, head_dim/2] fp32; w: this block's weights (official names
+    without the `blocks.N.` prefix). Returns the new x, fp32."""
+    assert x.dtype == torch.float32 and e0.dtype == torch.float32
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (w["modulation"].float() + e0).chunk(6, dim=1)
+    h = layer_norm(x, cfg.eps) * (1 + scale_sa) + shift_sa
+    x = x + self_attention(h, rope, w, cfg).float() * gate_sa
+    h = layer_norm(x, cfg.eps, w["norm3.weight"].float(), w["norm3.bias"].float())
+    x = x + cross_attention(h, context, w, cfg).float()
+    h = layer_norm(x, cfg.eps) * (1 + scale_ff) + shift_ff
+    y = linear(F.gelu(linear(h, w, "ffn.0"), approximate="tanh"), w, "ffn.2")
+    return x + y.float() * gate_ff
+
+
+# ---------------------------------------------------------------------------------------------- embeddings & head
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] fp32: [cos, sin] of t * 10000^(-k / (dim/2)), computed in float64 as official."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    a = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([a.cos(), a.sin()], dim=1).float()
+
+
+class _Params(nn.Module):
+    """A container that only names parameters; the computation lives in the functions above."""
+
+    def __init__(self, **children: nn.Module | nn.Parameter):
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+def _norm_weight(dim: int) -> nn.Module:
+    return _Params(weight=nn.Parameter(torch.ones(dim)))
+
+
+def _attention_params(dim: int, image: bool) -> nn.Module:
+    p = dict(q=nn.Linear(dim, dim), k=nn.Linear(dim, dim), v=nn.Linear(dim, dim), o=nn.Linear(dim, dim),
+             norm_q=_norm_weight(dim), norm_k=_norm_weight(dim))
+    if image:
+        p.update(k_img=nn.Linear(dim, dim), v_img=nn.Linear(dim, dim), norm_k_img=_norm_weight(dim))
+    return _Params(**p)
+
+
+def _block_params(cfg: DiTConfig) -> nn.Module:
+    dim = cfg.dim
+    return _Params(
+        modulation=nn.Parameter(torch.randn(1, 6, dim) / dim**0.5),
+        self_attn=_attention_params(dim, image=False),
+        cross_attn=_attention_params(dim, image=cfg.model_type == "i2v"),
+        norm3=nn.LayerNorm(dim, eps=cfg.eps),
+        ffn=nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)))
+
+
+# Parameters that stay fp32 whatever the compute dtype: the official code runs them under fp32 autocast.
+FP32_PARAMS = ("modulation", "norm", "time_embedding", "time_projection", "head.head")
+
+
+def keeps_fp32(name: str) -> bool:
+    return any(part in name for part in FP32_PARAMS)
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT with official parameter names. Build on the meta device and load with `assign=True` to avoid
+    allocating twice; `to_inference_dtype` then casts the GEMM weights only."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(_block_params(cfg) for _ in range(cfg.num_layers))
+        out = cfg.out_dim * math.prod(cfg.patch_size)
+        self.head = _Params(modulation=nn.Parameter(torch.randn(1, 2, dim) / dim**0.5), head=nn.Linear(dim, out))
+        if cfg.model_type == "i2v":
+            self.img_emb = _Params(proj=nn.Sequential(
+                nn.LayerNorm(cfg.image_dim), nn.Linear(cfg.image_dim, cfg.image_dim), nn.GELU(),
+                nn.Linear(cfg.image_dim, dim), nn.LayerNorm(dim)))
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> "WanDiT":
+        """Cast GEMM weights to `dtype`; modulation, norms, time embedding and head stay fp32."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
+
+    def block_weights(self, i: int) -> Weights:
+        return dict(self.blocks[i].named_parameters())
+
+    # -- stages: context once per generation, then one call per denoising step
+    def embed_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> torch.Tensor:
+        """context [B, text_len, text_dim] (zero-padded text encoder output), clip_fea [B, 257, 1280] (I2V)
+        -> [B, (257 +) text_len, dim] in the compute dtype."""
+        cfg = self.cfg
+        if context.shape[1] != cfg.text_len:
+            raise ValueError(f"context must be padded to {cfg.text_len} tokens, got {context.shape[1]}")
+        w = dict(self.text_embedding.named_parameters())
+        ctx = linear(F.gelu(linear(context, w, "0"), approximate="tanh"), w, "2")
+        if cfg.model_type == "i2v":
+            if clip_fea is None:
+                raise ValueError("the i2v model needs clip_fea, the CLIP features of the conditioning image")
+            p = self.img_emb.proj
+            h = F.layer_norm(clip_fea.float(), (cfg.image_dim,), p[0].weight.float(), p[0].bias.float(), p[0].eps)
+            w = dict(p.named_parameters())
+            h = linear(F.gelu(linear(h, w, "1")), w, "3")
+            h = F.layer_norm(h.float(), (cfg.dim,), p[4].weight.float(), p[4].bias.float(), p[4].eps)
+            ctx = torch.cat([h.to(ctx.dtype), ctx], dim=1)
+        return ctx
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] -> e [B, dim], e0 [B, 6, dim], fp32."""
+        w = {k: v.float() for k, v in self.time_embedding.named_parameters()}
+        e = linear(F.silu(linear(sinusoidal_embedding(self.cfg.freq_dim, t), w, "0")), w, "2")
+        e0 = F.linear(F.silu(e), self.time_projection[1].weight.float(), self.time_projection[1].bias.float())
+        return e, e0.unflatten(1, (6, self.cfg.dim))
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                weights: Callable[[int], Weights] | None = None) -> torch.Tensor:
+        """x [B, in_dim, F, H, W] latents, t [B] timesteps, context from `embed_context`.
+        `weights(i)` supplies block i's tensors (default: this module's own). Returns the velocity [B, out_dim, F, H, W]
+        in fp32."""
+        cfg = self.cfg
+        weights = weights or self.block_weights
+        pt, ph, pw = cfg.patch_size
+        B, _, f, h, w_ = x.shape
+        grid = (f // pt, h // ph, w_ // pw)
+        pe = self.patch_embedding
+        tokens = F.conv3d(x.to(pe.weight.dtype), pe.weight, pe.bias, stride=cfg.patch_size)
+        x = tokens.flatten(2).transpose(1, 2).float()  # [B, L, dim]
+        e, e0 = self.embed_time(t)
+        rope = rope_tables(cfg.head_dim, grid, x.device)
+        for i in range(cfg.num_layers):
+            x = block_forward(x, e0, context, rope, weights(i), cfg)
+        shift, scale = (self.head.modulation.float() + e[:, None]).chunk(2, dim=1)
+        out = F.linear(layer_norm(x, cfg.eps) * (1 + scale) + shift, self.head.head.weight.float(),
+                       self.head.head.bias.float())
+        return unpatchify(out, grid, cfg)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                clip_fea: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoise(x, t, self.embed_context(context, clip_fea))
+
+
+def unpatchify(out: torch.Tensor, grid: tuple[int, int, int], cfg: DiTConfig) -> torch.Tensor:
+    """[B, L, pt*ph*pw*C] tokens (each laid out pt, ph, pw, C) -> [B, C, F*pt, H*ph, W*pw]."""
+    f, h, w = grid
+    pt, ph, pw = cfg.patch_size
+    out = out.view(out.shape[0], f, h, w, pt, ph, pw, cfg.out_dim)
+    return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], cfg.out_dim, f * pt, h * ph, w * pw)
+
+
+def pad_context(context: list[torch.Tensor], text_len: int) -> torch.Tensor:
+    """Zero-pad trimmed text-encoder outputs [L_i, D] to [B, text_len, D], as the official WanModel does."""
+    out = context[0].new_zeros(len(context), text_len, context[0].shape[-1])
+    for i, c in enumerate(context):
+        out[i, : c.shape[0]] = c[:text_len]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- diffusers key mapping
+_DIFFUSERS_RENAMES = [  # applied in order with str.replace; the inverse of diffusers' convert_wan_to_diffusers.py
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    (".scale_shift_table", ".modulation"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_out.0", "cross_attn.o"),
+    ("attn2.add_k_proj", "cross_attn.k_img"), ("attn2.add_v_proj", "cross_attn.v_img"),
+    ("attn2.norm_added_k", "cross_attn.norm_k_img"),
+    ("attn1.to_", "self_attn."), ("attn2.to_", "cross_attn."),
+    ("attn1.", "self_attn."), ("attn2.", "cross_attn."),
+    (".norm2.", ".norm3."),  # diffusers' norm2 is the cross-attention norm, official norm3
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("proj_out", "head.head"),
+]
+_DIFFUSERS_IGNORED = ("norm_added_q",)
+
+
+def dit_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers WanTransformer3DModel state dict -> official WanModel names."""
+    out = {}
+    for key, value in state.items():
+        if any(s in key for s in _DIFFUSERS_IGNORED):
+            continue
+        name = "head.modulation" if key == "scale_shift_table" else key
+        for old, new in _DIFFUSERS_RENAMES:
+            name = name.replace(old, new)
+        out[name] = value
+    return out
