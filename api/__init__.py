@@ -1,0 +1,14 @@
+"""wanrt: a compiled, low-memory runtime for Wan2.1 video generation.
+
+This folder is the top-level `wanrt` module (setuptools maps it; the repo has no `wanrt/` folder so that running from
+the repo root never shadows the installed package).
+"""
+__version__ = "0.1.0"
+
+
+def load(path, device=None, dtype=None):
+    """Open an official or diffusers Wan2.1 checkpoint directory; returns a pipeline whose `generate(...)` returns a
+    `Video` (frames + fps) that can `.save("out.mp4")`."""
+    from wanrt.runtime.pipeline import load as _load
+
+    return _load(path, device, dtype)
