@@ -1,0 +1,150 @@
+"""Random-weight checkpoints in the real layouts, so tests and the demo need no download.
+
+- official layout: our own modules (official parameter names), written as the released files are
+  (`diffusion_pytorch_model.safetensors`, `.pth` files read back through `torch.load(weights_only=True)`).
+- diffusers layout: diffusers' and transformers' own classes, written with their `save_pretrained`.
+`convert_to_official` rewrites any checkpoint we can read in the official layout, so both layouts can carry identical
+weights. Every writer builds in a temporary folder and renames it at the end: no half-written checkpoint is left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from wanrt.runtime.checkpoint import OFFICIAL_FILES, open_checkpoint
+from wanrt.runtime.config import CLIPConfig, TextConfig, Variant, VAEConfig, get_variant
+
+from .tiny_tokenizer import write_tiny_tokenizer
+
+
+@contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a temporary sibling folder that replaces `out` only if the block succeeds."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def random_states(variant: Variant, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Randomly initialised weights of every component, official names."""
+    from wanrt.runtime.clip import CLIPVision
+    from wanrt.runtime.dit import WanDiT
+    from wanrt.runtime.text import UMT5Encoder
+    from wanrt.runtime.vae import WanVAE
+
+    torch.manual_seed(seed)
+    states = {"dit": WanDiT(variant.dit).state_dict(), "vae": WanVAE(variant.vae).state_dict(),
+              "text": UMT5Encoder(variant.text).state_dict()}
+    if variant.clip is not None:
+        clip = CLIPVision(variant.clip)
+        with torch.no_grad():  # its cls/pos embeddings start at zero; give them values a trained model would have
+            clip.cls_embedding.normal_(std=0.02)
+            clip.pos_embedding.normal_(std=0.02)
+        states["clip"] = clip.state_dict()
+    return states
+
+
+def write_official(out: str | Path, variant: Variant, states: dict[str, dict[str, torch.Tensor]],
+                   tokenizer_dir: Path | None = None) -> Path:
+    """Write `states` (official names) in the official Wan2.1 file layout."""
+    with atomic_dir(out) as tmp:
+        config = {"_class_name": "WanModel", **_jsonable(dataclasses.asdict(variant.dit))}
+        extra = {name: _jsonable(dataclasses.asdict(cfg)) for name, cfg, default in
+                 (("vae", variant.vae, VAEConfig()), ("text", variant.text, TextConfig()),
+                  ("clip", variant.clip, CLIPConfig())) if cfg is not None and cfg != default}
+        if extra:
+            config["wanrt"] = extra  # only non-standard (tiny) models need this; real checkpoints have none
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(_contiguous(states["dit"]), tmp / OFFICIAL_FILES["dit"])
+        torch.save(states["vae"], tmp / OFFICIAL_FILES["vae"])
+        torch.save(states["text"], tmp / OFFICIAL_FILES["text"])
+        if "clip" in states:  # the official file holds the whole CLIP model; its vision tower sits under `visual.`
+            torch.save({f"visual.{k}": v for k, v in states["clip"].items()}, tmp / OFFICIAL_FILES["clip"])
+        tok = tmp / OFFICIAL_FILES["tokenizer"]
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tok)
+        else:
+            write_tiny_tokenizer(tok, variant.text.vocab)
+    return Path(out)
+
+
+def write_diffusers(out: str | Path, variant: Variant, seed: int) -> Path:
+    """Random weights through diffusers' / transformers' own classes and their save_pretrained."""
+    import diffusers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    d, v, t, c = variant.dit, variant.vae, variant.text, variant.clip
+    i2v = d.model_type == "i2v"
+    torch.manual_seed(seed)
+    with atomic_dir(out) as tmp:
+        WanTransformer3DModel(
+            patch_size=d.patch_size, num_attention_heads=d.num_heads, attention_head_dim=d.head_dim,
+            in_channels=d.in_dim, out_channels=d.out_dim, text_dim=d.text_dim, freq_dim=d.freq_dim,
+            ffn_dim=d.ffn_dim, num_layers=d.num_layers, eps=d.eps, image_dim=d.image_dim if i2v else None,
+            added_kv_proj_dim=d.dim if i2v else None).save_pretrained(tmp / "transformer")
+        AutoencoderKLWan(base_dim=v.dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult), num_res_blocks=v.num_res_blocks,
+                         attn_scales=[], temperal_downsample=list(v.temperal_downsample),
+                         latents_mean=list(v.latents_mean), latents_std=list(v.latents_std)
+                         ).save_pretrained(tmp / "vae")
+        UMT5EncoderModel(UMT5Config(
+            vocab_size=t.vocab, d_model=t.dim, d_kv=t.dim_attn // t.num_heads, d_ff=t.dim_ffn,
+            num_layers=t.num_layers, num_heads=t.num_heads, relative_attention_num_buckets=t.num_buckets,
+            relative_attention_max_distance=t.max_distance, layer_norm_epsilon=t.eps,
+            feed_forward_proj="gated-gelu")).save_pretrained(tmp / "text_encoder")
+        write_tiny_tokenizer(tmp / "tokenizer", t.vocab)
+        UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+                                ).save_pretrained(tmp / "scheduler")
+        index = {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
+                 "_diffusers_version": diffusers.__version__,
+                 "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+                 "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                 "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
+        if i2v:
+            CLIPVisionModel(CLIPVisionConfig(
+                hidden_size=c.dim, intermediate_size=c.dim * c.mlp_ratio, num_attention_heads=c.num_heads,
+                num_hidden_layers=c.num_layers, image_size=c.image_size, patch_size=c.patch_size,
+                layer_norm_eps=c.eps, hidden_act="gelu")).save_pretrained(tmp / "image_encoder")
+            index["image_encoder"] = ["transformers", "CLIPVisionModel"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    return Path(out)
+
+
+def convert_to_official(src: str | Path, out: str | Path) -> Path:
+    """Rewrite a checkpoint we can read (either layout) in the official layout, weights unchanged."""
+    ckpt = open_checkpoint(src)
+    states = {"dit": ckpt.dit_state(), "vae": ckpt.vae_state(), "text": ckpt.text_state()}
+    if ckpt.variant.clip is not None:
+        states["clip"] = ckpt.clip_state()
+    return write_official(out, ckpt.variant, states, tokenizer_dir=ckpt.tokenizer_dir)
+
+
+def write_random_checkpoint(out: str | Path, variant: str = "tiny-t2v", layout: str = "official", seed: int = 0) -> Path:
+    v = get_variant(variant)
+    if layout == "official":
+        return write_official(out, v, random_states(v, seed))
+    if layout == "diffusers":
+        return write_diffusers(out, v, seed)
+    raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

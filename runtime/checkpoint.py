@@ -1,0 +1,216 @@
+"""Checkpoint readers: the official Wan2.1 layout and the diffusers layout, mapped to one canonical naming (the
+official state-dict keys). Nothing is ever unpickled: `.pth` files go through `torch.load(weights_only=True)`.
+
+Official layout (Wan-AI/Wan2.1-T2V-1.3B):
+    config.json                                   DiT config (`_class_name: WanModel`)
+    diffusion_pytorch_model.safetensors           or `...safetensors.index.json` + shards
+    Wan2.1_VAE.pth                                (a `.safetensors` of the same stem is accepted too)
+    models_t5_umt5-xxl-enc-bf16.pth
+    google/umt5-xxl/                              tokenizer folder
+    models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth   (I2V only)
+  Non-standard sizes (the tiny test and demo models) add a `"wanrt": {"vae": {...}, "text": {...}, "clip": {...}}`
+  section to config.json; a real checkpoint has none and gets the full-size configs.
+
+Diffusers layout (Wan-AI/Wan2.1-T2V-1.3B-Diffusers): model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+image_encoder/ (I2V), each with its config.json and safetensors (single file or index + shards).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
+
+OFFICIAL_FILES = {
+    "dit": "diffusion_pytorch_model.safetensors",
+    "vae": "Wan2.1_VAE.pth",
+    "text": "models_t5_umt5-xxl-enc-bf16.pth",
+    "clip": "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+    "tokenizer": "google/umt5-xxl",
+}
+DIFFUSERS_DIRS = {"dit": "transformer", "vae": "vae", "text": "text_encoder", "clip": "image_encoder",
+                  "tokenizer": "tokenizer"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or not a Wan2.1 layout; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------------ tensor files
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read one .safetensors or .pth file to CPU tensors, never unpickling arbitrary objects."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # weights_only refused an object that is not a tensor
+        raise CheckpointError(f"refusing {path}: it holds pickled Python objects, not only tensors") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:  # truncated or corrupt
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return state
+
+
+def load_sharded(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """`stem.safetensors`, or `stem.safetensors.index.json` naming its shards."""
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return load_tensors(single)
+    if not index.is_file():
+        raise CheckpointError(f"checkpoint file missing: {single} (nor an index {index.name})")
+    shards = sorted(set(read_json(index)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_tensors(folder / shard))
+    return state
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot parse {path}: {e}") from None
+
+
+def _first_existing(folder: Path, name: str) -> Path:
+    """The official file name, or the same stem as .safetensors (how wanrt writes its own small models)."""
+    path = folder / name
+    alt = path.with_suffix(".safetensors")
+    return alt if not path.exists() and alt.exists() else path
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    """A located checkpoint: its configs and where each component lives. Tensors are read on demand."""
+    root: Path
+    layout: str  # "official" or "diffusers"
+    variant: Variant
+
+    @property
+    def task(self) -> str:
+        return self.variant.task
+
+    def _path(self, component: str) -> Path:
+        if self.layout == "official":
+            return _first_existing(self.root, OFFICIAL_FILES[component])
+        return self.root / DIFFUSERS_DIRS[component]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        path = self._path("tokenizer")
+        if not path.is_dir():
+            raise CheckpointError(f"tokenizer folder missing: {path}")
+        return path
+
+    def dit_state(self) -> dict[str, torch.Tensor]:
+        from .dit import dit_from_diffusers
+
+        if self.layout == "official":
+            state = load_sharded(self.root, "diffusion_pytorch_model")
+            return {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+        return dit_from_diffusers(load_sharded(self._path("dit"), "diffusion_pytorch_model"))
+
+    def vae_state(self) -> dict[str, torch.Tensor]:
+        from .vae import vae_from_diffusers
+
+        if self.layout == "official":
+            return load_tensors(self._path("vae"))
+        return vae_from_diffusers(load_sharded(self._path("vae"), "diffusion_pytorch_model"), self.variant.vae)
+
+    def text_state(self) -> dict[str, torch.Tensor]:
+        from .text import text_from_hf
+
+        if self.layout == "official":
+            return load_tensors(self._path("text"))
+        return text_from_hf(load_sharded(self._path("text"), "model"))
+
+    def clip_state(self) -> dict[str, torch.Tensor]:
+        from .clip import clip_from_hf, clip_from_official
+
+        if self.variant.clip is None:
+            raise CheckpointError(f"{self.root} is a {self.task} checkpoint and has no CLIP image encoder")
+        if self.layout == "official":
+            return clip_from_official(load_tensors(self._path("clip")), self.variant.clip)
+        return clip_from_hf(load_sharded(self._path("clip"), "model"), self.variant.clip)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Locate a checkpoint directory and read its configs; tensors are read later, component by component."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    if (root / "model_index.json").is_file():
+        return Checkpoint(root, "diffusers", _diffusers_variant(root))
+    if (root / "config.json").is_file():
+        return Checkpoint(root, "official", _official_variant(root))
+    raise CheckpointError(f"{root} is neither an official Wan2.1 checkpoint (config.json) nor a diffusers one "
+                          "(model_index.json)")
+
+
+def _named_variant(dit: DiTConfig, vae: VAEConfig, text: TextConfig, clip: CLIPConfig | None) -> Variant:
+    """The named variant with these configs (so its sizes and defaults apply), else a custom one."""
+    for v in VARIANTS.values():
+        if (v.dit, v.vae, v.text, v.clip) == (dit, vae, text, clip):
+            return v
+    base = VARIANTS["i2v-14B" if dit.model_type == "i2v" else "t2v-14B"]
+    return dataclasses.replace(base, name="custom", dit=dit, vae=vae, text=text, clip=clip, sizes=())
+
+
+def _official_variant(root: Path) -> Variant:
+    cfg = read_json(root / "config.json")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    try:
+        dit = DiTConfig(**_tuples({k: v for k, v in cfg.items() if k in fields}))
+        extra = cfg.get("wanrt", {})
+        vae = VAEConfig(**_tuples(extra.get("vae", {})))
+        text = TextConfig(**extra.get("text", {}))
+        clip = CLIPConfig(**extra.get("clip", {})) if dit.model_type == "i2v" else None
+    except TypeError as e:
+        raise CheckpointError(f"{root / 'config.json'}: {e}") from None
+    return _named_variant(dit, vae, text, clip)
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _diffusers_variant(root: Path) -> Variant:
+    t = read_json(root / "transformer" / "config.json")
+    i2v = t.get("image_dim") is not None
+    dit = DiTConfig(
+        model_type="i2v" if i2v else "t2v", in_dim=t["in_channels"], dim=t["num_attention_heads"] * t["attention_head_dim"],
+        ffn_dim=t["ffn_dim"], num_heads=t["num_attention_heads"], num_layers=t["num_layers"],
+        out_dim=t["out_channels"], freq_dim=t["freq_dim"], text_dim=t["text_dim"], patch_size=tuple(t["patch_size"]),
+        eps=t["eps"], **({"image_dim": t["image_dim"]} if i2v else {}))
+    v = read_json(root / "vae" / "config.json")
+    vae = VAEConfig(dim=v["base_dim"], z_dim=v["z_dim"], dim_mult=tuple(v["dim_mult"]),
+                    num_res_blocks=v["num_res_blocks"], temperal_downsample=tuple(v["temperal_downsample"]),
+                    latents_mean=tuple(v["latents_mean"]), latents_std=tuple(v["latents_std"]))
+    e = read_json(root / "text_encoder" / "config.json")
+    text = TextConfig(vocab=e["vocab_size"], dim=e["d_model"], dim_attn=e["d_kv"] * e["num_heads"], dim_ffn=e["d_ff"],
+                      num_heads=e["num_heads"], num_layers=e["num_layers"],
+                      num_buckets=e["relative_attention_num_buckets"],
+                      max_distance=e["relative_attention_max_distance"], eps=e["layer_norm_epsilon"])
+    clip = None
+    if i2v:
+        c = read_json(root / "image_encoder" / "config.json")
+        c = c.get("vision_config", c)
+        clip = CLIPConfig(image_size=c["image_size"], patch_size=c["patch_size"], dim=c["hidden_size"],
+                          mlp_ratio=c["intermediate_size"] // c["hidden_size"], num_heads=c["num_attention_heads"],
+                          num_layers=c["num_hidden_layers"], use_layers=c["num_hidden_layers"] - 1,
+                          eps=c["layer_norm_eps"])
+        dit = dataclasses.replace(dit, image_tokens=clip.num_tokens)
+    return _named_variant(dit, vae, text, clip)
