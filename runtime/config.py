@@ -119,15 +119,15 @@ VARIANTS: dict[str, Variant] = {
 }
 
 # Tiny configs with the exact architecture, for CPU tests and the generated demo checkpoint.
-_TINY_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=512,
-                      image_dim=32, image_tokens=5)
+_TINY_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=32, text_dim=32, text_len=512)
 _TINY_VAE = VAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2))
 _TINY_TEXT = TextConfig(vocab=1000, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=8,
                         max_distance=16, text_len=512)
 _TINY_CLIP = CLIPConfig(image_size=28, patch_size=14, dim=32, num_heads=4, num_layers=3, use_layers=2)
 _TINY_SIZES = ("64*64", "64*48", "48*64", "32*32")
 VARIANTS["tiny-t2v"] = Variant("tiny-t2v", _TINY_DIT, _TINY_VAE, _TINY_TEXT, sizes=_TINY_SIZES, sample_steps=4)
-VARIANTS["tiny-i2v"] = Variant("tiny-i2v", replace(_TINY_DIT, model_type="i2v", in_dim=36), _TINY_VAE, _TINY_TEXT,
+VARIANTS["tiny-i2v"] = Variant("tiny-i2v", replace(_TINY_DIT, model_type="i2v", in_dim=36, image_dim=32, image_tokens=5),
+                               _TINY_VAE, _TINY_TEXT,
                                clip=_TINY_CLIP, sizes=_TINY_SIZES, sample_steps=4)
 
 

@@ -1,0 +1,81 @@
+"""`wanrt` command line. Flag names follow the official generate.py where one exists."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+SOLVERS = ("unipc", "euler")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .pipeline import load
+
+    if args.model is None:
+        raise ValueError("no --model given: pass an official or diffusers Wan2.1 checkpoint directory "
+                         "(`wanrt random-checkpoint --out DIR` writes a tiny random one for trying things out)")
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"cannot read image {args.image}: no such file")
+    start = time.perf_counter()
+    pipe = load(args.model, device=args.device)
+    video = pipe.generate(
+        args.prompt, image=args.image, size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
+        sample_shift=args.sample_shift, sample_guide_scale=args.sample_guide_scale, sample_solver=args.sample_solver,
+        base_seed=args.base_seed, neg_prompt=args.neg_prompt)
+    out = video.save(args.out)
+    f, h, w, _ = video.frames.shape
+    print(f"wrote {out} ({f} frames, {w}x{h}, {video.fps} fps, seed {video.seed}) in {time.perf_counter() - start:.1f} s")
+
+
+def _random_checkpoint(args: argparse.Namespace) -> None:
+    from wanrt.export.random_checkpoint import write_random_checkpoint
+
+    out = write_random_checkpoint(args.out, args.variant, layout=args.layout, seed=args.seed)
+    print(f"wrote a random-weight {args.variant} checkpoint ({args.layout} layout) to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wanrt", description="Run Wan2.1 video generation in little VRAM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-video or image-to-video to an mp4")
+    g.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--neg_prompt", default="", help="negative prompt (default: the official one)")
+    g.add_argument("--image", help="conditioning image for i2v checkpoints")
+    g.add_argument("--size", help="width*height, e.g. 832*480 (default: the variant's first size)")
+    g.add_argument("--frame_num", type=int, default=81, help="number of frames, 4n+1")
+    g.add_argument("--sample_steps", type=int, help="default: 50 for t2v, 40 for i2v")
+    g.add_argument("--sample_shift", type=float, help="default: 5.0 (3.0 for i2v at 480p)")
+    g.add_argument("--sample_guide_scale", type=float, default=5.0)
+    g.add_argument("--sample_solver", choices=SOLVERS, default="unipc")
+    g.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--out", default="video.mp4", help="output mp4 (written atomically)")
+    g.set_defaults(func=_generate)
+
+    r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (tests and demos, no download)")
+    r.add_argument("--variant", default="tiny-t2v")
+    r.add_argument("--layout", choices=("official", "diffusers"), default="official")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=_random_checkpoint)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # user errors (bad flags, bad checkpoints) get one line, not a traceback
+        print(f"wanrt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wanrt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
