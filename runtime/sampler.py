@@ -65,8 +65,6 @@ def cfg(cond: torch.Tensor, uncond: torch.Tensor, guide_scale: float) -> torch.T
     return uncond + guide_scale * (cond - uncond)
 
 
-
-
 def flow_sigmas(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The official grid (`FlowUniPCMultistepScheduler.set_timesteps(steps, shift=shift)`).
 
