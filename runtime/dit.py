@@ -77,45 +77,77 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return y.transpose(1, 2).flatten(2)
 
 
-def self_attention(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: Weights, cfg: DiTConfig):
-    heads = (cfg.num_heads, cfg.head_dim)
-    q = rms_norm(linear(x, w, "self_attn.q"), w["self_attn.norm_q.weight"], cfg.eps).unflatten(-1, heads)
-    k = rms_norm(linear(x, w, "self_attn.k"), w["self_attn.norm_k.weight"], cfg.eps).unflatten(-1, heads)
-    v = linear(x, w, "self_attn.v").unflatten(-1, heads)
-    y = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
-    return linear(y, w, "self_attn.o")
+def spans(length: int, chunk: int | None) -> list[slice]:
+    """Token ranges of at most `chunk` tokens (one range when chunk is None)."""
+    chunk = chunk or length
+    return [slice(i, min(i + chunk, length)) for i in range(0, length, chunk)]
 
 
-def cross_attention(x: torch.Tensor, context: torch.Tensor, w: Weights, cfg: DiTConfig):
-    """context: [B, text_len, dim] (T2V), or [B, image_tokens + text_len, dim] with the image tokens first (I2V)."""
-    heads = (cfg.num_heads, cfg.head_dim)
-    text = context[:, -cfg.text_len:]
-    q = rms_norm(linear(x, w, "cross_attn.q"), w["cross_attn.norm_q.weight"], cfg.eps).unflatten(-1, heads)
-    k = rms_norm(linear(text, w, "cross_attn.k"), w["cross_attn.norm_k.weight"], cfg.eps).unflatten(-1, heads)
-    v = linear(text, w, "cross_attn.v").unflatten(-1, heads)
-    y = attention(q, k, v)
-    if cfg.model_type == "i2v":
-        image = context[:, :-cfg.text_len]
-        k_img = rms_norm(linear(image, w, "cross_attn.k_img"), w["cross_attn.norm_k_img.weight"], cfg.eps)
-        v_img = linear(image, w, "cross_attn.v_img").unflatten(-1, heads)
-        y = y + attention(q, k_img.unflatten(-1, heads), v_img)
-    return linear(y, w, "cross_attn.o")
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return layer_norm(x, eps) * (1 + scale) + shift
+
+
+def qk(h: torch.Tensor, w: Weights, attn: str, proj: str, rope: tuple[torch.Tensor, torch.Tensor] | None,
+       cfg: DiTConfig) -> torch.Tensor:
+    """Query or key: projection, RMSNorm over the whole width in fp32, RoPE if given; [B, L, H, D] in the weight
+    dtype."""
+    name = f"{attn}.{proj}"
+    y = heads(rms_norm(linear(h, w, name), w[f"{attn}.norm_{proj}.weight"], cfg.eps), cfg)
+    return (apply_rope(y, *rope) if rope is not None else y).to(w[f"{name}.weight"].dtype)
+
+
+def heads(y: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
+    return y.unflatten(-1, (cfg.num_heads, cfg.head_dim))
 
 
 def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  w: Weights, cfg: DiTConfig) -> torch.Tensor:
-    """One Wan block. x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32 time projection; context [B, Lc, dim]
-    embedded text (and image) tokens; rope: cos, sin [L, head_dim/2] fp32; w: this block's weights (official names
-    without the `blocks.N.` prefix). Returns the new x, fp32."""
+                  w: Weights, cfg: DiTConfig, chunk: int | None = None) -> torch.Tensor:
+    """One Wan block, updating the residual stream x in place and returning it.
+
+    x [B, L, dim] fp32; e0 [B, 6, dim] fp32 time projection; context [B, Lc, dim] embedded text (I2V: image tokens
+    first); rope: cos, sin [L, head_dim/2] fp32; w: this block's weights (official names without `blocks.N.`).
+    `chunk` bounds the tokens processed at once: every op but attention is token-local, so the only full-length
+    tensors are x and the self-attention keys and values. Queries are computed per chunk and attend to all keys,
+    which gives the same result as one chunk.
+    """
     assert x.dtype == torch.float32 and e0.dtype == torch.float32
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (w["modulation"].float() + e0).chunk(6, dim=1)
-    h = layer_norm(x, cfg.eps) * (1 + scale_sa) + shift_sa
-    x = x + self_attention(h, rope, w, cfg).float() * gate_sa
-    h = layer_norm(x, cfg.eps, w["norm3.weight"].float(), w["norm3.bias"].float())
-    x = x + cross_attention(h, context, w, cfg).float()
-    h = layer_norm(x, cfg.eps) * (1 + scale_ff) + shift_ff
-    y = linear(F.gelu(linear(h, w, "ffn.0"), approximate="tanh"), w, "ffn.2")
-    return x + y.float() * gate_ff
+    cos, sin = rope
+    parts = spans(x.shape[1], chunk)
+
+    # Self-attention: keys and values of every token first, then the queries chunk by chunk.
+    dtype = w["self_attn.v.weight"].dtype
+    k = x.new_empty(*x.shape[:2], cfg.num_heads, cfg.head_dim, dtype=dtype)
+    v = torch.empty_like(k)
+    for s in parts:
+        h = modulate(x[:, s], shift_sa, scale_sa, cfg.eps)
+        k[:, s] = qk(h, w, "self_attn", "k", (cos[s], sin[s]), cfg)
+        v[:, s] = heads(linear(h, w, "self_attn.v"), cfg)
+    for s in parts:
+        q = qk(modulate(x[:, s], shift_sa, scale_sa, cfg.eps), w, "self_attn", "q", (cos[s], sin[s]), cfg)
+        x[:, s] += linear(attention(q, k, v), w, "self_attn.o").float() * gate_sa
+    del k, v
+
+    # Cross-attention (no modulation, no gate); the context keys and values are computed once per block.
+    text = context[:, -cfg.text_len:]
+    k, v = qk(text, w, "cross_attn", "k", None, cfg), heads(linear(text, w, "cross_attn.v"), cfg)
+    if cfg.model_type == "i2v":
+        image = context[:, :-cfg.text_len]
+        k_img = qk(image, w, "cross_attn", "k_img", None, cfg)
+        v_img = heads(linear(image, w, "cross_attn.v_img"), cfg)
+    for s in parts:
+        h = layer_norm(x[:, s], cfg.eps, w["norm3.weight"].float(), w["norm3.bias"].float())
+        q = qk(h, w, "cross_attn", "q", None, cfg)
+        y = attention(q, k, v)
+        if cfg.model_type == "i2v":
+            y = y + attention(q, k_img, v_img)
+        x[:, s] += linear(y, w, "cross_attn.o").float()
+
+    # Feed-forward, chunk by chunk: its [L, ffn_dim] hidden state is the largest activation of the block.
+    for s in parts:
+        h = modulate(x[:, s], shift_ff, scale_ff, cfg.eps)
+        x[:, s] += linear(F.gelu(linear(h, w, "ffn.0"), approximate="tanh"), w, "ffn.2").float() * gate_ff
+    return x
 
 
 # ---------------------------------------------------------------------------------------------- embeddings & head
@@ -217,37 +249,38 @@ class WanDiT(nn.Module):
         return ctx
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] -> e [B, dim], e0 [B, 6, dim], fp32."""
+        """t [S] timesteps -> e [S, dim], e0 [S, 6, dim], fp32. A whole schedule can be embedded at once."""
         w = {k: v.float() for k, v in self.time_embedding.named_parameters()}
         e = linear(F.silu(linear(sinusoidal_embedding(self.cfg.freq_dim, t), w, "0")), w, "2")
         e0 = F.linear(F.silu(e), self.time_projection[1].weight.float(), self.time_projection[1].bias.float())
         return e, e0.unflatten(1, (6, self.cfg.dim))
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                weights: Callable[[int], Weights] | None = None) -> torch.Tensor:
-        """x [B, in_dim, F, H, W] latents, t [B] timesteps, context from `embed_context`.
-        `weights(i)` supplies block i's tensors (default: this module's own). Returns the velocity [B, out_dim, F, H, W]
-        in fp32."""
+    def denoise(self, x: torch.Tensor, time: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor,
+                weights: Callable[[int], Weights] | None = None, chunk: int | None = None) -> torch.Tensor:
+        """x [B, in_dim, F, H, W] latents; time: (e, e0) from `embed_time`; context from `embed_context`.
+        `weights(i)` supplies block i's tensors (default: this module's own; a streamer passes its GPU slots);
+        `chunk` bounds the tokens processed at once. Returns the velocity [B, out_dim, F, H, W] in fp32."""
         cfg = self.cfg
         weights = weights or self.block_weights
+        e, e0 = time
         pt, ph, pw = cfg.patch_size
-        B, _, f, h, w_ = x.shape
-        grid = (f // pt, h // ph, w_ // pw)
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         pe = self.patch_embedding
         tokens = F.conv3d(x.to(pe.weight.dtype), pe.weight, pe.bias, stride=cfg.patch_size)
-        x = tokens.flatten(2).transpose(1, 2).float()  # [B, L, dim]
-        e, e0 = self.embed_time(t)
+        x = tokens.flatten(2).transpose(1, 2).float()  # [B, L, dim], the fp32 residual stream
+        del tokens
         rope = rope_tables(cfg.head_dim, grid, x.device)
         for i in range(cfg.num_layers):
-            x = block_forward(x, e0, context, rope, weights(i), cfg)
+            x = block_forward(x, e0, context, rope, weights(i), cfg, chunk)
         shift, scale = (self.head.modulation.float() + e[:, None]).chunk(2, dim=1)
-        out = F.linear(layer_norm(x, cfg.eps) * (1 + scale) + shift, self.head.head.weight.float(),
-                       self.head.head.bias.float())
+        head_w, head_b = self.head.head.weight.float(), self.head.head.bias.float()
+        out = torch.cat([F.linear(modulate(x[:, s], shift, scale, cfg.eps), head_w, head_b)
+                         for s in spans(x.shape[1], chunk)], dim=1)
         return unpatchify(out, grid, cfg)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None) -> torch.Tensor:
-        return self.denoise(x, t, self.embed_context(context, clip_fea))
+        return self.denoise(x, self.embed_time(t), self.embed_context(context, clip_fea))
 
 
 def unpatchify(out: torch.Tensor, grid: tuple[int, int, int], cfg: DiTConfig) -> torch.Tensor:

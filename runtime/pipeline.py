@@ -140,12 +140,12 @@ class WanPipeline:
         ctx = self.dit.embed_context(context, clip_fea)
         ctx_null = self.dit.embed_context(context_null, clip_fea)
         solver = make_solver(sample_solver, steps, shift)
-        timesteps = solver.timesteps.to(self.device)
+        e, e0 = self.dit.embed_time(solver.timesteps.to(self.device))  # the whole schedule at once
         for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress):
-            t = timesteps[i : i + 1]
+            time = (e[i : i + 1], e0[i : i + 1])
             x = latents if cond is None else torch.cat([latents, cond], dim=1)
-            v_cond = self.dit.denoise(x, t, ctx)
-            v_uncond = self.dit.denoise(x, t, ctx_null)
+            v_cond = self.dit.denoise(x, time, ctx)
+            v_uncond = self.dit.denoise(x, time, ctx_null)
             latents = solver.step(cfg(v_cond, v_uncond, sample_guide_scale), i, latents)
         video = self.vae.decode(latents.float())[0]
         return Video(to_uint8_frames(video), FPS, seed)
