@@ -1,0 +1,259 @@
+"""Block-by-block weight streaming: a host store of every block's weights and a ring of preallocated GPU slots.
+
+While block i computes, blocks i+1 .. i+k-1 are copied into the other slots on a side stream. Events order the two
+streams: a copy into a slot waits for the compute that last read it, and compute on a slot waits for its copy. Slots are
+allocated once and reused (no allocator churn, no `record_stream`); each block is one contiguous host buffer, so one
+copy moves a whole block.
+
+Host stores: `PinnedStore` packs every block once into page-locked RAM (fastest, needs RAM for the whole model);
+`MmapStore` reads blocks from safetensors files through memory maps into a small pinned staging ring when RAM is short.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Weights = dict[str, torch.Tensor]
+ALIGN = 256  # bytes; every tensor starts on an aligned offset inside its block buffer
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where each tensor of a block sits in one contiguous byte buffer; every block of a model shares one layout."""
+    specs: tuple[TensorSpec, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> "BlockLayout":
+        specs, offset = [], 0
+        for name, (shape, dtype) in sorted(tensors.items()):
+            specs.append(TensorSpec(name, tuple(shape), dtype, offset))
+            offset += -(-specs[-1].nbytes // ALIGN) * ALIGN
+        return cls(tuple(specs), offset)
+
+    @classmethod
+    def of_block(cls, block: Weights, dtype_of) -> "BlockLayout":
+        return cls.of({k: (tuple(v.shape), dtype_of(k, v)) for k, v in block.items()})
+
+    def views(self, buf: torch.Tensor) -> Weights:
+        """Typed views of a uint8 buffer holding one packed block."""
+        return {s.name: buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.specs}
+
+    def pack(self, block: Weights, buf: torch.Tensor) -> torch.Tensor:
+        views = self.views(buf)
+        if views.keys() != block.keys():
+            raise ValueError(f"block tensors {sorted(block)} do not match the layout {sorted(views)}")
+        for name, view in views.items():
+            view.copy_(block[name])
+        return buf
+
+
+def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A uint8 host buffer, page-locked when `pin`. Registered with cudaHostRegister rather than allocated with
+    `pin_memory=True`, whose caching allocator rounds every buffer up to a power of two (a 28 GB model would pin 32)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if pin and nbytes:
+        cudart = torch.cuda.cudart()
+        if cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0) != 0:
+            raise RuntimeError(f"could not pin {nbytes / 2**30:.1f} GiB of host RAM (cudaHostRegister failed)")
+        weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+    return buf
+
+
+class PinnedStore:
+    """Every block packed once into page-locked host RAM (one registered allocation), in the inference dtype."""
+    needs_staging = False
+
+    def __init__(self, blocks: list[Weights], layout: BlockLayout, pin: bool = True):
+        self.layout = layout
+        self._all = host_buffer(layout.nbytes * len(blocks), pin)
+        n = layout.nbytes
+        self.buffers = [layout.pack(b, self._all[i * n : (i + 1) * n]) for i, b in enumerate(blocks)]
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def host_bytes(self, i: int, staging: torch.Tensor | None = None) -> torch.Tensor:
+        return self.buffers[i]
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    path: Path
+    offset: int  # absolute byte offset of the tensor data in the file
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
+              "F8_E4M3": torch.float8_e4m3fn}
+
+
+def safetensors_index(path: Path) -> dict[str, FileTensor]:
+    """Tensor name -> where its bytes lie in a safetensors file, from the header alone (nothing is read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: FileTensor(path, 8 + n + v["data_offsets"][0], tuple(v["shape"]), _ST_DTYPES[v["dtype"]])
+            for k, v in header.items()}
+
+
+class MmapStore:
+    """Blocks read on demand from memory-mapped safetensors files (the OS pages them in and out), packed into a pinned
+    staging buffer before each copy. Costs no resident RAM beyond the staging ring; a tensor stored in another dtype
+    than the layout's is converted on the host while the GPU computes."""
+    needs_staging = True
+
+    def __init__(self, blocks: list[dict[str, FileTensor]], layout: BlockLayout):
+        self.layout, self.blocks = layout, blocks
+        # copy-on-write maps: torch wants writable arrays; nothing ever writes, so nothing is copied
+        self._maps = {p: np.memmap(p, dtype=np.uint8, mode="c") for b in blocks for p in {t.path for t in b.values()}}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _tensor(self, t: FileTensor) -> torch.Tensor:
+        n = math.prod(t.shape) * t.dtype.itemsize
+        raw = torch.from_numpy(self._maps[t.path][t.offset : t.offset + n])  # a view of the map: no read yet
+        return raw.view(t.dtype).view(t.shape)
+
+    def host_bytes(self, i: int, staging: torch.Tensor | None = None) -> torch.Tensor:
+        return self.layout.pack({k: self._tensor(t) for k, t in self.blocks[i].items()}, staging)
+
+
+class BlockStreamer:
+    """`streamer(i)` returns block i's weights on the device, for i in a fixed cyclic order (the forward's block order,
+    repeated every call). Blocks in `resident` stay on the device; the others rotate through `slots` GPU buffers with
+    up to slots - 1 blocks prefetched ahead. Pass it as the model's `weights` callable.
+
+    `copy` replaces the host-to-device copy (tests use a deliberately slow one); on a CPU device the "copy" runs in the
+    worker thread and the future orders it before compute.
+    """
+
+    def __init__(self, store, device: torch.device | str, slots: int, resident: dict[int, Weights] | None = None,
+                 copy=None):
+        self.store, self.device = store, torch.device(device)
+        self.resident = resident or {}
+        self.order = [i for i in range(len(store)) if i not in self.resident]
+        if self.order and slots < 1:
+            raise ValueError("streaming needs at least one GPU slot")
+        self.slots = min(slots, len(self.order))
+        n = store.layout.nbytes
+        self._buf = [torch.empty(n, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+        self._views = [store.layout.views(b) for b in self._buf]
+        pin = self.device.type == "cuda"
+        self._staging = ([host_buffer(n, pin) for _ in range(self.slots)]
+                         if store.needs_staging else [None] * self.slots)
+        self._copy = copy or (lambda dst, src: dst.copy_(src, non_blocking=True))
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._freed: list = [None] * self.slots  # event: compute finished reading the slot
+        self._copied: list = [None] * self.slots  # event: the last copy into the slot finished
+        self._pending: dict[int, tuple[int, Future]] = {}  # position in order -> (slot, future of the copy event)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanrt-stream")
+        self._pos = 0  # next position in `order` to be computed
+        self._issued = 0  # next position in `order` to be copied
+        self._in_use: int | None = None  # slot being computed on
+
+    def __call__(self, i: int) -> Weights:
+        if i in self.resident:
+            return self.resident[i]
+        expected = self.order[self._pos % len(self.order)]
+        if i != expected:
+            raise RuntimeError(f"block {i} requested, but the streaming order expects block {expected}")
+        self._release_previous()
+        self._prefetch()
+        slot, fut = self._pending.pop(self._pos)
+        event = fut.result()  # host waits only until the copy is issued (or done, on the CPU)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self._in_use, self._pos = slot, self._pos + 1
+        return self._views[slot]
+
+    def _release_previous(self) -> None:
+        """Everything that reads the previous slot is enqueued by now: mark it free for the next copy."""
+        if self._in_use is None:
+            return
+        if self._cuda:
+            self._freed[self._in_use] = torch.cuda.Event()
+            self._freed[self._in_use].record(torch.cuda.current_stream(self.device))
+        self._in_use = None
+
+    def _prefetch(self) -> None:
+        """Issue copies for positions pos .. pos + slots - 1, each into the slot of position p % slots."""
+        while self._issued < self._pos + self.slots:
+            p, slot = self._issued, self._issued % self.slots
+            block = self.order[p % len(self.order)]
+            self._pending[p] = (slot, self._worker.submit(self._copy_block, block, slot))
+            self._issued += 1
+
+    def _copy_block(self, block: int, slot: int):
+        """Worker thread: stage (mmap stores), then copy into the slot once compute has released it."""
+        staging = self._staging[slot]
+        if staging is not None and self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # the previous copy out of this staging buffer must be done
+        src = self.store.host_bytes(block, staging)
+        if not self._cuda:
+            self._copy(self._buf[slot], src)
+            return None
+        with torch.cuda.stream(self._stream):
+            if self._freed[slot] is not None:
+                self._stream.wait_event(self._freed[slot])
+            self._copy(self._buf[slot], src)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._copied[slot] = event
+        return event
+
+    def reset(self) -> None:
+        """Wait for outstanding copies and restart the order at its first block."""
+        for _, fut in self._pending.values():
+            fut.result()
+        self._release_previous()
+        self._pending.clear()
+        self._pos = self._issued = 0
+
+    def close(self) -> None:
+        self.reset()
+        self._worker.shutdown(wait=True)
+        self._buf = self._views = self._staging = []
+
+    @property
+    def device_bytes(self) -> int:
+        return self.slots * self.store.layout.nbytes
+
+
+def split_blocks(state: dict, num_blocks: int, prefix: str = "blocks") -> tuple[dict, list[dict]]:
+    """{'blocks.3.attn.q.weight': t, 'head.weight': u} -> ({'head.weight': u}, [..., {'attn.q.weight': t}, ...]).
+    Works on any values (tensors, or `FileTensor`s from `safetensors_index`)."""
+    rest, blocks = {}, [{} for _ in range(num_blocks)]
+    for key, value in state.items():
+        head, _, tail = key.partition(".")
+        index, _, name = tail.partition(".")
+        if head == prefix and index.isdigit() and int(index) < num_blocks:
+            blocks[int(index)][name] = value
+        else:
+            rest[key] = value
+    return rest, blocks
