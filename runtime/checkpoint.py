@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -44,34 +46,56 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------ tensor files
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read one .safetensors or .pth file to CPU tensors, never unpickling arbitrary objects."""
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as tensors that are views of a memory map: nothing is read until used, and the OS can drop
+    the pages again under memory pressure (for streaming when RAM is short)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n)  # copy-on-write: writable for torch, never written
+    out = {}
+    for name, t in header.items():
+        begin, end = t["data_offsets"]
+        out[name] = torch.from_numpy(data[begin:end]).view(_ST_DTYPES[t["dtype"]]).view(t["shape"])
+    return out
+
+
+def load_tensors(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read one .safetensors or .pth file to CPU tensors, never unpickling arbitrary objects. With mmap, safetensors
+    come back as views of a memory map (`.pth` files are always memory-mapped by torch.load)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
         if path.suffix == ".safetensors":
-            return load_file(path)
+            return mmap_safetensors(path) if mmap else load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:  # weights_only refused an object that is not a tensor
         raise CheckpointError(f"refusing {path}: it holds pickled Python objects, not only tensors") from None
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:  # truncated or corrupt
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, KeyError, json.JSONDecodeError,
+            struct.error) as e:  # truncated or corrupt
         raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
     return state
 
 
-def load_sharded(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+def load_sharded(folder: Path, stem: str, mmap: bool = False) -> dict[str, torch.Tensor]:
     """`stem.safetensors`, or `stem.safetensors.index.json` naming its shards."""
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.is_file():
-        return load_tensors(single)
+        return load_tensors(single, mmap)
     if not index.is_file():
         raise CheckpointError(f"checkpoint file missing: {single} (nor an index {index.name})")
     shards = sorted(set(read_json(index)["weight_map"].values()))
     state = {}
     for shard in shards:
-        state.update(load_tensors(folder / shard))
+        state.update(load_tensors(folder / shard, mmap))
     return state
 
 
@@ -115,13 +139,13 @@ class Checkpoint:
             raise CheckpointError(f"tokenizer folder missing: {path}")
         return path
 
-    def dit_state(self) -> dict[str, torch.Tensor]:
+    def dit_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
         from .dit import dit_from_diffusers
 
         if self.layout == "official":
-            state = load_sharded(self.root, "diffusion_pytorch_model")
+            state = load_sharded(self.root, "diffusion_pytorch_model", mmap)
             return {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
-        return dit_from_diffusers(load_sharded(self._path("dit"), "diffusion_pytorch_model"))
+        return dit_from_diffusers(load_sharded(self._path("dit"), "diffusion_pytorch_model", mmap))
 
     def vae_state(self) -> dict[str, torch.Tensor]:
         from .vae import vae_from_diffusers
@@ -130,12 +154,12 @@ class Checkpoint:
             return load_tensors(self._path("vae"))
         return vae_from_diffusers(load_sharded(self._path("vae"), "diffusion_pytorch_model"), self.variant.vae)
 
-    def text_state(self) -> dict[str, torch.Tensor]:
+    def text_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
         from .text import text_from_hf
 
         if self.layout == "official":
-            return load_tensors(self._path("text"))
-        return text_from_hf(load_sharded(self._path("text"), "model"))
+            return load_tensors(self._path("text"), mmap)
+        return text_from_hf(load_sharded(self._path("text"), "model", mmap))
 
     def clip_state(self) -> dict[str, torch.Tensor]:
         from .clip import clip_from_hf, clip_from_official

@@ -115,10 +115,12 @@ class CLIPVision(nn.Module):
         x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
         return _layer_norm(x, self.pre_norm.weight, self.pre_norm.bias, cfg.eps)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, weights=None) -> torch.Tensor:
+        """`weights(i)` supplies block i's tensors (default: this module's own; a streamer passes its GPU slots)."""
+        weights = weights or self.block_weights
         x = self.embed(pixels)
-        for i in range(len(self.transformer)):
-            x = clip_block(x, self.block_weights(i), self.cfg.num_heads, self.cfg.eps)
+        for i in range(self.cfg.use_layers):
+            x = clip_block(x, weights(i), self.cfg.num_heads, self.cfg.eps)
         return x
 
 

@@ -10,15 +10,12 @@ Host stores: `PinnedStore` packs every block once into page-locked RAM (fastest,
 """
 from __future__ import annotations
 
-import json
 import math
-import struct
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 Weights = dict[str, torch.Tensor]
@@ -97,50 +94,21 @@ class PinnedStore:
         return self.buffers[i]
 
 
-@dataclass(frozen=True)
-class FileTensor:
-    path: Path
-    offset: int  # absolute byte offset of the tensor data in the file
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
-              "F8_E4M3": torch.float8_e4m3fn}
-
-
-def safetensors_index(path: Path) -> dict[str, FileTensor]:
-    """Tensor name -> where its bytes lie in a safetensors file, from the header alone (nothing is read)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: FileTensor(path, 8 + n + v["data_offsets"][0], tuple(v["shape"]), _ST_DTYPES[v["dtype"]])
-            for k, v in header.items()}
-
-
 class MmapStore:
-    """Blocks read on demand from memory-mapped safetensors files (the OS pages them in and out), packed into a pinned
-    staging buffer before each copy. Costs no resident RAM beyond the staging ring; a tensor stored in another dtype
-    than the layout's is converted on the host while the GPU computes."""
+    """Blocks whose tensors are views of memory-mapped checkpoint files (`checkpoint.mmap_safetensors`, or `.pth`
+    through `torch.load(mmap=True)`): the OS pages them in on demand, and each is packed into a pinned staging buffer
+    just before its copy. Costs no RAM beyond the staging ring; a tensor stored in another dtype than the layout's is
+    converted on the host, in the worker thread, while the GPU computes."""
     needs_staging = True
 
-    def __init__(self, blocks: list[dict[str, FileTensor]], layout: BlockLayout):
+    def __init__(self, blocks: list[Weights], layout: BlockLayout):
         self.layout, self.blocks = layout, blocks
-        # copy-on-write maps: torch wants writable arrays; nothing ever writes, so nothing is copied
-        self._maps = {p: np.memmap(p, dtype=np.uint8, mode="c") for b in blocks for p in {t.path for t in b.values()}}
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def _tensor(self, t: FileTensor) -> torch.Tensor:
-        n = math.prod(t.shape) * t.dtype.itemsize
-        raw = torch.from_numpy(self._maps[t.path][t.offset : t.offset + n])  # a view of the map: no read yet
-        return raw.view(t.dtype).view(t.shape)
-
     def host_bytes(self, i: int, staging: torch.Tensor | None = None) -> torch.Tensor:
-        return self.layout.pack({k: self._tensor(t) for k, t in self.blocks[i].items()}, staging)
+        return self.layout.pack(self.blocks[i], staging)
 
 
 class BlockStreamer:
@@ -247,7 +215,7 @@ class BlockStreamer:
 
 def split_blocks(state: dict, num_blocks: int, prefix: str = "blocks") -> tuple[dict, list[dict]]:
     """{'blocks.3.attn.q.weight': t, 'head.weight': u} -> ({'head.weight': u}, [..., {'attn.q.weight': t}, ...]).
-    Works on any values (tensors, or `FileTensor`s from `safetensors_index`)."""
+    Works on any values."""
     rest, blocks = {}, [{} for _ in range(num_blocks)]
     for key, value in state.items():
         head, _, tail = key.partition(".")

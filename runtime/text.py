@@ -157,18 +157,22 @@ class UMT5Encoder(nn.Module):
         return dict(self.blocks[i].named_parameters())
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embedding as a plain row gather: [B, L] -> [B, L, dim]."""
-        return F.embedding(ids, self.token_embedding.weight)
+        """Token embedding as a plain row gather: [B, L] -> [B, L, dim] on ids' device. The 256k-row table may stay
+        in host RAM: only the prompt's rows are gathered and moved."""
+        table = self.token_embedding.weight
+        return F.embedding(ids.to(table.device), table).to(ids.device)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, weights=None) -> torch.Tensor:
+        """`weights(i)` supplies block i's tensors (default: this module's own; a streamer passes its GPU slots)."""
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise ValueError(f"expected ids and mask of one shape [B, L], got {list(ids.shape)} and {list(mask.shape)}")
         cfg = self.cfg
+        weights = weights or self.block_weights
         x = self.embed(ids)
         bias = mask_bias(mask, x.dtype)  # once per forward, shared by all blocks
         buckets = relative_position_buckets(ids.shape[1], cfg.num_buckets, cfg.max_distance, ids.device)
         for i in range(len(self.blocks)):
-            x = text_block(x, bias, buckets, self.block_weights(i), cfg.eps)
+            x = text_block(x, bias, buckets, weights(i), cfg.eps)
         return rms_norm(x, self.norm.weight, cfg.eps)
 
 
@@ -274,7 +278,7 @@ class Tokenizer:
 
 @torch.no_grad()
 def encode_text(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: str | Sequence[str],
-                device: torch.device | str | None = None) -> list[torch.Tensor]:
+                device: torch.device | str | None = None, weights=None) -> list[torch.Tensor]:
     """Tokenize and encode; returns one [L_i, dim] tensor per prompt, trimmed to its true length (EOS included).
 
     device defaults to the embedding's. The trim lengths are read once on the host, after the whole forward.
@@ -282,5 +286,5 @@ def encode_text(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: str | Seque
     ids, mask = tokenizer(prompts)
     device = encoder.token_embedding.weight.device if device is None else device
     ids, mask = ids.to(device), mask.to(device)
-    out = encoder(ids, mask)
+    out = encoder(ids, mask, weights)
     return [o[:n] for o, n in zip(out, mask.sum(dim=1).tolist())]

@@ -6,8 +6,7 @@ import torch
 
 from wanrt.runtime.config import get_variant
 from wanrt.runtime.dit import WanDiT
-from wanrt.runtime.stream import (ALIGN, BlockLayout, BlockStreamer, MmapStore, PinnedStore, safetensors_index,
-                                  split_blocks)
+from wanrt.runtime.stream import ALIGN, BlockLayout, BlockStreamer, MmapStore, PinnedStore, split_blocks
 
 
 def random_blocks(n, seed=0):
@@ -77,7 +76,7 @@ def test_pinned_and_mmap_stores_give_identical_outputs(checkpoints, dtype):
     model.to_inference_dtype(dtype).eval()
     _, blocks = split_blocks(model.state_dict(), cfg.num_layers)
     layout = BlockLayout.of_block(blocks[0], lambda k, v: v.dtype)
-    _, files = split_blocks(safetensors_index(ckpt.root / "diffusion_pytorch_model.safetensors"), cfg.num_layers)
+    _, files = split_blocks(ckpt.dit_state(mmap=True), cfg.num_layers)
     assert all(files[0][s.name].dtype == torch.float32 for s in layout.specs)  # fp32 on disk: mmap converts
     assert {s.dtype for s in layout.specs} == ({torch.float32} if dtype == torch.float32 else
                                                {torch.float32, torch.bfloat16})

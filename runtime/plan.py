@@ -1,0 +1,308 @@
+"""The memory planner: from shapes and a VRAM budget alone, before any GPU work, decide per phase what stays on the
+GPU, how many blocks stream through how many slots, how many tokens are processed at once and how large the VAE tiles
+are; or refuse, naming the smallest budget that would fit.
+
+Peak of a phase = weights on the GPU (resident parts + resident blocks + ring slots) + the largest set of live
+activations + a fixed workspace margin (cuBLAS / cuDNN workspaces, allocator rounding). Activations are not modelled
+by hand: the phase's own code runs once on the meta device under a dispatch mode that adds up every tensor it creates
+and frees (`trace_peak`), so the estimate follows the code as it changes. Preference order when the budget allows
+(DESIGN.md): more resident blocks, deeper prefetch, larger activation chunks, larger VAE tiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+from .config import Variant
+
+GiB = 2**30
+MiB = 2**20
+WORKSPACE = 96 * MiB  # cuBLAS workspaces (one per stream) + cuDNN/SDPA scratch + allocator rounding
+CHUNKS = (None, 16384, 8192, 4096, 2048)  # tokens per chunk, largest first (None: all at once)
+SLOTS = (4, 3, 2, 1)  # ring depth, deepest first
+TILES = (None, (48, 64), (32, 48), (32, 32), (24, 32), (16, 24), (16, 16))  # VAE latent tiles (h, w), largest first
+
+
+class PlanError(ValueError):
+    """The budget cannot hold even the smallest plan; the message names the budget that would."""
+
+
+class _PeakTracker(TorchDispatchMode):
+    """Adds up the bytes of every storage created inside the mode and subtracts them when freed; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._outside: set[int] = set()  # storages made before the trace (weights, inputs): views of them cost nothing
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self._sizes and key not in self._outside:
+            self._sizes[key] = storage.nbytes()
+            self.live += self._sizes[key]
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def _note_input(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        if key not in self._sizes:
+            self._outside.add(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tree_map_only(torch.Tensor, self._note_input, (args, kwargs))
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
+class _FusedAttention(TorchFunctionMode):
+    """On the meta device SDPA would decompose into the math path and materialise [L, L] scores; the GPU runs a fused
+    kernel that keeps only its output and a per-row log-sum-exp. Model that."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            q, v = args[0], args[2]
+            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+            del lse
+            return out
+        return func(*args, **(kwargs or {}))
+
+
+def trace_peak(fn, *args, **kwargs) -> int:
+    """Peak bytes of the tensors `fn` allocates while it runs (inputs excluded). Call it with meta tensors."""
+    with torch.no_grad(), _PeakTracker() as tracker, _FusedAttention():
+        out = fn(*args, **kwargs)
+        del out
+    return tracker.peak
+
+
+def meta_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fmt(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------- phases
+@dataclass(frozen=True)
+class StreamPlan:
+    """Blocks of one model: `resident` stay on the GPU, the rest rotate through `slots` buffers."""
+    num_blocks: int
+    block_bytes: int
+    resident: int
+    slots: int
+
+    @property
+    def streamed(self) -> bool:
+        return self.resident < self.num_blocks
+
+    @property
+    def weight_bytes(self) -> int:
+        return (self.resident + (self.slots if self.streamed else 0)) * self.block_bytes
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    name: str
+    fixed_bytes: int  # resident non-block weights and the phase's persistent inputs/outputs
+    activation_bytes: int
+    blocks: StreamPlan | None = None
+    chunk: int | None = None
+    tile: tuple[int, int] | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.fixed_bytes + self.activation_bytes + (self.blocks.weight_bytes if self.blocks else 0) + WORKSPACE
+
+    def describe(self) -> str:
+        parts = [f"{self.name:8s} peak {fmt(self.peak_bytes)}"]
+        if self.blocks:
+            b = self.blocks
+            parts.append("all blocks resident" if not b.streamed else
+                         f"{b.resident}/{b.num_blocks} blocks resident, {b.num_blocks - b.resident} streamed "
+                         f"through {b.slots} slots of {b.block_bytes / MiB:.0f} MiB")
+        if self.name == "denoise":
+            parts.append(f"tokens per chunk {self.chunk or 'all'}")
+        if self.name in ("decode", "encode"):
+            parts.append(f"tile {self.tile[0]}x{self.tile[1]} latents" if self.tile else "untiled")
+        parts.append(f"activations {fmt(self.activation_bytes)}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    phases: tuple[PhasePlan, ...]
+    host_store: str = "pinned"  # or "mmap"
+    notes: tuple[str, ...] = field(default=())
+
+    def phase(self, name: str) -> PhasePlan:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(p.peak_bytes for p in self.phases)
+
+    def describe(self) -> str:
+        lines = [f"budget {fmt(self.budget)}, planned peak {fmt(self.peak_bytes)}, host weights: {self.host_store}"]
+        lines += ["  " + p.describe() for p in self.phases] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def choose(candidates, budget: int) -> PhasePlan:
+    """The first candidate (they come in preference order) that fits; else PlanError naming the minimum."""
+    candidates = list(candidates)
+    for plan in candidates:
+        if plan.peak_bytes <= budget:
+            return plan
+    smallest = min(candidates, key=lambda p: p.peak_bytes)
+    raise PlanError(f"the {smallest.name} phase needs at least {fmt(smallest.peak_bytes)} of VRAM; the budget is "
+                    f"{fmt(budget)}. Smallest plan: {smallest.describe()}")
+
+
+def stream_options(num_blocks: int, block_bytes: int) -> list[StreamPlan]:
+    return [StreamPlan(num_blocks, block_bytes, num_blocks, 0)] + [
+        StreamPlan(num_blocks, block_bytes, r, s) for r in range(num_blocks) for s in SLOTS if s <= num_blocks - r]
+
+
+def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: dict) -> PhasePlan:
+    """Pick blocks and the activation option (token chunk or VAE tile; keys of `activations`, None = whole).
+
+    Preference: every block resident; else a ring of at least two slots, so copies overlap compute (one slot
+    serialises them); then larger chunks or tiles (fewer, larger kernels); then more resident blocks (less PCIe
+    traffic, which the ring already hides); then a deeper ring (it only helps links slower than the compute)."""
+    tiled = name in ("decode", "encode")
+    size = (lambda o: float("inf") if o is None else (o[0] * o[1] if tiled else o))
+
+    def key(c: PhasePlan):
+        b = c.blocks
+        option = c.tile if tiled else c.chunk
+        streamed = bool(b and b.streamed)
+        return (streamed, -min(b.slots, 2) if streamed else 0, -size(option), -(b.resident if b else 0),
+                -(b.slots if b else 0))
+
+    candidates = [PhasePlan(name, fixed, act, b, None if tiled else o, o if tiled else None)
+                  for b in (blocks or [None]) for o, act in activations.items()]
+    return choose(sorted(candidates, key=key), budget)
+
+
+# ------------------------------------------------------------------------------------------------ model phases
+def _one_block_model(cls, cfg, dtype: torch.dtype):
+    """A one-block copy of the model on the meta device: every block is alike, so one shows a block's peak."""
+    with torch.device("meta"):
+        model = cls(dataclasses.replace(cfg, num_layers=1))
+    return model.to_inference_dtype(dtype) if hasattr(model, "to_inference_dtype") else model.to(dtype)
+
+
+def _block_bytes(model, dtype_of=None) -> int:
+    from .stream import BlockLayout
+
+    return BlockLayout.of_block(model.block_weights(0), lambda k, v: v.dtype).nbytes
+
+
+def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
+    from .dit import WanDiT
+
+    cfg = v.dit
+    model = _one_block_model(WanDiT, cfg, dtype)
+    shell = meta_bytes([*model.patch_embedding.parameters(), *model.head.parameters()])
+    ctx_len = cfg.text_len + (cfg.image_tokens if cfg.model_type == "i2v" else 0)
+    x = torch.empty(1, cfg.in_dim, *lat, device="meta")
+    ctx = torch.empty(1, ctx_len, cfg.dim, device="meta", dtype=dtype)
+    time = (torch.empty(1, cfg.dim, device="meta"), torch.empty(1, 6, cfg.dim, device="meta"))
+    latent = 4 * cfg.out_dim * lat[0] * lat[1] * lat[2]
+    # both contexts, the schedule's time embeddings, and ~10 latent-sized fp32 tensors of the sampler and CFG
+    fixed = shell + 2 * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x])
+    tokens = lat[0] * lat[1] * lat[2] // (cfg.patch_size[1] * cfg.patch_size[2])
+    acts = {c: trace_peak(model.denoise, x, time, ctx, None, c) for c in CHUNKS if c is None or c < tokens}
+    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(model)), acts)
+
+
+def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
+    """Context and time embeddings, once per generation, with the DiT's non-block weights."""
+    from .dit import WanDiT
+
+    cfg = v.dit
+    model = _one_block_model(WanDiT, cfg, dtype)
+    weights = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    context = torch.empty(1, cfg.text_len, cfg.text_dim, device="meta", dtype=dtype)
+    clip = torch.empty(1, cfg.image_tokens, cfg.image_dim, device="meta", dtype=dtype) if v.clip else None
+    act = max(trace_peak(model.embed_context, context, clip),
+              trace_peak(model.embed_time, torch.empty(steps, device="meta")))
+    return best_phase("embed", budget, meta_bytes(weights), None, {None: act})
+
+
+def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
+    """umT5: the token table stays in host RAM (only the prompt's rows are gathered); blocks stream."""
+    from .text import UMT5Encoder
+
+    cfg = v.text
+    model = _one_block_model(UMT5Encoder, cfg, dtype)
+    ids = torch.empty(1, cfg.text_len, dtype=torch.long, device="meta")
+    act = trace_peak(model.forward, ids, torch.empty_like(ids))
+    return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers,
+                      _block_bytes(model)), {None: act})
+
+
+def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
+    from .clip import CLIPVision
+
+    cfg = v.clip
+    with torch.device("meta"):
+        model = CLIPVision(dataclasses.replace(cfg, num_layers=1, use_layers=1)).to(dtype)
+    pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta", dtype=dtype)
+    shell = [p for n, p in model.named_parameters() if not n.startswith("transformer.")]
+    return best_phase("clip", budget, meta_bytes(shell), stream_options(cfg.use_layers, _block_bytes(model)),
+                      {None: trace_peak(model.forward, pixels)})
+
+
+def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int) -> PhasePlan:
+    """Tiled VAE decode (or encode, for I2V); fp32 weights as the official code. The video itself is assembled in
+    host RAM tile by tile, so only one tile's activations and output live on the GPU."""
+    from .vae import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(v.vae)
+    part = vae.decoder if name == "decode" else vae.encoder
+    weights = meta_bytes([*part.parameters(), *(vae.conv2 if name == "decode" else vae.conv1).parameters()])
+    st = v.vae.stride
+    acts = {}
+    for tile in TILES:
+        if tile is not None and tile[0] >= lat[1] and tile[1] >= lat[2]:
+            continue  # no larger than the frame: untiled covers it
+        th, tw = (lat[1], lat[2]) if tile is None else (min(tile[0], lat[1]), min(tile[1], lat[2]))
+        if name == "decode":
+            z = torch.empty(1, v.vae.z_dim, lat[0], th, tw, device="meta")
+            acts[tile] = trace_peak(vae.decode, z)
+        else:
+            frames = (lat[0] - 1) * st[0] + 1
+            video = torch.empty(1, 3, frames, th * st[1], tw * st[2], device="meta")
+            acts[tile] = trace_peak(vae.encode, video)
+    return best_phase(name, budget, weights, None, acts)
+
+
+def make_plan(v: Variant, size: tuple[int, int], frame_num: int, steps: int, budget: int,
+              dtype: torch.dtype = torch.bfloat16) -> Plan:
+    """Plan every phase of one generation (W, H = size) under `budget` bytes of VRAM, or raise PlanError."""
+    st = v.vae.stride
+    lat = ((frame_num - 1) // st[0] + 1, size[1] // st[1], size[0] // st[2])
+    phases = [text_phase(v, budget, dtype)]
+    if v.task == "i2v":
+        phases += [clip_phase(v, budget, dtype), vae_phase("encode", v, lat, budget)]
+    phases += [embed_phase(v, steps, budget, dtype), denoise_phase(v, lat, steps, budget, dtype),
+               vae_phase("decode", v, lat, budget)]
+    return Plan(budget, tuple(phases))
