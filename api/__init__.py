@@ -6,9 +6,9 @@ the repo root never shadows the installed package).
 __version__ = "0.1.0"
 
 
-def load(path, device=None, dtype=None):
+def load(path, device=None, dtype=None, **kwargs):
     """Open an official or diffusers Wan2.1 checkpoint directory; returns a pipeline whose `generate(...)` returns a
-    `Video` (frames + fps) that can `.save("out.mp4")`."""
+    `Video` (frames + fps) that can `.save("out.mp4")`. Keyword arguments: vram_budget, ram_budget (bytes), vae_dtype."""
     from wanrt.runtime.pipeline import load as _load
 
-    return _load(path, device, dtype)
+    return _load(path, device, dtype, **kwargs)

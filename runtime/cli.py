@@ -7,6 +7,21 @@ import time
 from pathlib import Path
 
 SOLVERS = ("unipc", "euler")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '1.5G', '512MiB', '6GB' -> bytes (G and GiB are binary; GB is decimal)."""
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in _UNITS or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 4GiB or 512MiB, got {text!r}")
+    return int(value * _UNITS[unit])
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -18,7 +33,10 @@ def _generate(args: argparse.Namespace) -> None:
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"cannot read image {args.image}: no such file")
     start = time.perf_counter()
-    pipe = load(args.model, device=args.device)
+    pipe = load(args.model, device=args.device, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
+    if args.plan:
+        print(pipe.describe_plan(args.size, args.frame_num, args.sample_steps, args.image))
+        return
     video = pipe.generate(
         args.prompt, image=args.image, size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
         sample_shift=args.sample_shift, sample_guide_scale=args.sample_guide_scale, sample_solver=args.sample_solver,
@@ -52,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_solver", choices=SOLVERS, default="unipc")
     g.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--vram-budget", type=parse_bytes, help="GPU memory to plan for, e.g. 4GiB (default: free memory "
+                   "minus 512 MiB); a budget too small for any plan is refused with the minimum that would fit")
+    g.add_argument("--ram-budget", type=parse_bytes, help="host RAM for pinned weights, e.g. 16GiB (default: "
+                   "available RAM minus 2 GiB); blocks beyond it are streamed from memory-mapped files")
+    g.add_argument("--plan", action="store_true", help="print the memory plan and exit without generating")
     g.add_argument("--out", default="video.mp4", help="output mp4 (written atomically)")
     g.set_defaults(func=_generate)
 

@@ -2,8 +2,12 @@
 `WanT2V.generate` / `WanI2V.generate` step by step (separate cond/uncond DiT calls, UniPC, VAE decode)."""
 from __future__ import annotations
 
+import functools
 import math
 import random
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +17,10 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
-from .dit import WanDiT, pad_context
+from .dit import WanDiT, keeps_fp32, pad_context
+from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
+from .stream import PinnedStore, make_store, make_streamer, split_blocks
 from .text import Tokenizer, UMT5Encoder, encode_text
 from .vae import WanVAE
 from .video import to_uint8_frames, write_mp4
@@ -74,38 +80,113 @@ def load_image(image) -> torch.Tensor:
     return x.permute(2, 0, 1)
 
 
-def _build(module_cls, config, state, device, dtype=None):
+def _shell(module_cls, config, state: dict, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Build on meta and load every non-block tensor (a model whose blocks are streamed keeps them out: its block
+    parameters stay on the meta device and are never touched)."""
     with torch.device("meta"):
         model = module_cls(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.startswith(BLOCK_PREFIXES)]
     if missing or unexpected:
         raise ValueError(f"{module_cls.__name__} weights do not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if dtype is not None:
         model = model.to_inference_dtype(dtype) if hasattr(model, "to_inference_dtype") else model.to(dtype)
-    return model.to(device).eval()
+    return model.eval()
+
+
+BLOCK_PREFIXES = ("blocks.", "transformer.")  # DiT and umT5 blocks; CLIP blocks
+
+
+@contextmanager
+def on_device(modules, device: torch.device):
+    """Give the modules' parameters device copies for one phase; the host tensors come back afterwards (no copy
+    back). Parameters on the meta device (blocks served by a streamer) are left alone."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.device.type != "meta"]
+    home = [p.data for p in params]
+    for p in params:
+        p.data = p.data.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        for p, data in zip(params, home):
+            p.data = data
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere, unknown: assume plenty."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 2**62
 
 
 class WanPipeline:
-    """Holds a checkpoint's models; `generate` runs text encoding, denoising and VAE decoding."""
+    """A checkpoint's models, kept in host RAM (or memory-mapped), and a planner that decides per generation what
+    goes onto the GPU. `generate` runs text encoding, denoising and VAE decoding phase by phase, each within the
+    VRAM budget."""
 
-    def __init__(self, ckpt: Checkpoint, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, ckpt: Checkpoint, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 vram_budget: int | None = None, ram_budget: int | None = None,
+                 vae_dtype: torch.dtype = torch.float32):
         self.ckpt = ckpt
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 GEMMs on the GPU as the official code; fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.vram_budget = vram_budget or default_vram_budget(self.device)
+        self.vae_dtype = vae_dtype  # the VAE's convolutions: fp32 as the official code, or bf16 (~2x faster)
         v = ckpt.variant
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, v.text.text_len)
-        self.text_encoder = _build(UMT5Encoder, v.text, ckpt.text_state(), self.device, self.dtype)
-        self.dit = _build(WanDiT, v.dit, ckpt.dit_state(), self.device, self.dtype)
-        self.vae = _build(WanVAE, v.vae, ckpt.vae_state(), self.device)  # fp32, as the official code
-        self.clip = None
+        self.ram_budget = ram_budget or available_ram() - 2 * 2**30
+
+        # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
+        # they stay memory-mapped and are read from disk (or the page cache) as they stream.
+        self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
+        ram = self.ram_budget
+        dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
+        self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
+        self.dit_store, ram = _store(dit_blocks, lambda n, t: torch.float32 if keeps_fp32(n) else self.dtype, ram)
+        text_rest, text_blocks = split_blocks(ckpt.text_state(mmap=True), v.text.num_layers)
+        self.text_encoder = _shell(UMT5Encoder, v.text, text_rest, self.dtype)
+        self.text_store, ram = _store(text_blocks, lambda n, t: self.dtype, ram)
+        self.vae = _shell(WanVAE, v.vae, ckpt.vae_state(), None)  # fp32, as the official code
+        self.clip = self.clip_store = None
         if v.clip is not None:
-            self.clip = _build(CLIPVision, v.clip, ckpt.clip_state(), self.device, self.dtype)
+            clip_rest, clip_blocks = split_blocks(ckpt.clip_state(), v.clip.use_layers, prefix="transformer")
+            self.clip = _shell(CLIPVision, v.clip, clip_rest, self.dtype)
+            self.clip_store, ram = _store(clip_blocks, lambda n, t: self.dtype, ram)
 
     @property
     def variant(self):
         return self.ckpt.variant
+
+    def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None) -> Plan:
+        return make_plan(self.variant, lat, steps, budget or self.vram_budget, self.dtype, self.vae_dtype)
+
+    def latent_shape(self, size: str, frame_num: int, image=None) -> tuple[int, int, int]:
+        """(frames, height, width) of the latents; I2V keeps the image's aspect ratio under size's area."""
+        v = self.variant
+        w, h = parse_size(size)
+        st = v.vae.stride
+        if image is None:
+            return (frame_num - 1) // st[0] + 1, h // st[1], w // st[2]
+        return ((frame_num - 1) // st[0] + 1, *i2v_latent_size(image.shape[1:], w * h, st, v.dit.patch_size))
+
+    def describe_plan(self, size: str | None, frame_num: int, sample_steps: int | None, image=None) -> str:
+        """The plan `generate` would follow, and where the blocks live in host memory."""
+        v = self.variant
+        size = size or (v.sizes[0] if v.sizes else None)
+        steps = sample_steps or v.sample_steps
+        if size is None:
+            raise ValueError("pass --size (width*height): this checkpoint has no named variant with default sizes")
+        check_request(self.ckpt, size, frame_num, steps, image)
+        lat = self.latent_shape(size, frame_num, load_image(image) if image is not None else None)
+        stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
+                           for name, s in (("DiT", self.dit_store), ("text", self.text_store),
+                                           ("CLIP", self.clip_store)) if s is not None)
+        return f"{v.name} {size} x {frame_num} frames, {steps} steps, latents {lat}\n" + \
+            self.plan(lat, steps).describe() + f"\n  host: {stores}"
 
     @torch.no_grad()
     def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int = 81,
@@ -117,53 +198,149 @@ class WanPipeline:
         if size is None:
             raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
         steps = sample_steps or v.sample_steps
-        w, h = check_request(self.ckpt, size, frame_num, steps, image)
+        check_request(self.ckpt, size, frame_num, steps, image)
         shift = sample_shift if sample_shift is not None else default_shift(v.task, size)
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
+        img = load_image(image) if image is not None else None
+        lat = self.latent_shape(size, frame_num, img)
+        plan = self.plan(lat, steps)  # before any GPU work: refuses here if the budget cannot fit
+        self.phase_stats = {}
+        run = functools.partial(self._run_phase, plan, lat, steps)
 
-        context, context_null = (self._encode_prompt(p) for p in (prompt, neg_prompt))
-        stride = v.vae.stride
-        lat_f = (frame_num - 1) // stride[0] + 1
-        clip_fea, cond = None, None
-        if v.task == "i2v":
-            img = load_image(image)
-            lat_h, lat_w = i2v_latent_size(img.shape[1:], w * h, stride, v.dit.patch_size)
-            clip_fea = self.clip(preprocess(img[None].to(self.device), v.clip.image_size).to(self.dtype))
-            cond = self._image_condition(img, frame_num, lat_f, lat_h, lat_w)
-        else:
-            lat_h, lat_w = h // stride[1], w // stride[2]
+        context, context_null = run("text", self._encode_text, [prompt, neg_prompt])
+        clip_fea = cond = None
+        if img is not None:
+            clip_fea = run("clip", self._encode_image, img)
+            cond = run("encode", self._image_condition, img, frame_num, lat)
         # Noise from a CPU generator: the same seed gives the same video on any device.
         g = torch.Generator().manual_seed(seed)
-        latents = torch.randn(1, v.vae.z_dim, lat_f, lat_h, lat_w, generator=g).to(self.device)
-
-        ctx = self.dit.embed_context(context, clip_fea)
-        ctx_null = self.dit.embed_context(context_null, clip_fea)
+        latents = torch.randn(1, v.vae.z_dim, *lat, generator=g).to(self.device)
         solver = make_solver(sample_solver, steps, shift)
-        e, e0 = self.dit.embed_time(solver.timesteps.to(self.device))  # the whole schedule at once
-        for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress):
-            time = (e[i : i + 1], e0[i : i + 1])
-            x = latents if cond is None else torch.cat([latents, cond], dim=1)
-            v_cond = self.dit.denoise(x, time, ctx)
-            v_uncond = self.dit.denoise(x, time, ctx_null)
-            latents = solver.step(cfg(v_cond, v_uncond, sample_guide_scale), i, latents)
-        video = self.vae.decode(latents.float())[0]
-        return Video(to_uint8_frames(video), FPS, seed)
+        ctx, ctx_null, temb = run("embed", self._embed, context, context_null, clip_fea, solver.timesteps)
+        del context, context_null, clip_fea
+        latents = run("denoise", self._denoise, latents, cond, ctx, ctx_null, temb, solver, sample_guide_scale,
+                      progress)
+        del ctx, ctx_null, temb, cond
+        video = run("decode", self._decode, latents)
+        return Video(to_uint8_frames(video[0]), FPS, seed)
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        out = encode_text(self.text_encoder, self.tokenizer, [prompt], self.device)
-        return pad_context([o.to(self.dtype) for o in out], self.variant.dit.text_len)
+    # -- phases: each takes its PhasePlan first
+    def _run_phase(self, plan: Plan, lat, steps, name: str, fn, *args):
+        """Run one phase under its plan, recording its predicted and measured peaks in `phase_stats`. If the GPU
+        still runs out of memory (another process took some), re-plan the phase once for what is free now, then fail
+        with a clear message."""
+        phase = plan.phase(name)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            out = fn(phase, *args)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                self.phase_stats[name] = {
+                    "predicted_peak": phase.peak_bytes, "max_allocated": torch.cuda.max_memory_allocated(self.device),
+                    "max_reserved": torch.cuda.max_memory_reserved(self.device),
+                    "seconds": time.perf_counter() - start, "plan": phase.describe()}
+            return out
+        except torch.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0] - torch.cuda.memory_reserved(self.device)
+        smaller = min(plan.budget * 3 // 4, max(free, 0))
+        warnings.warn(f"out of GPU memory in the {name} phase; retrying it with a {smaller / 2**30:.2f} GiB plan",
+                      stacklevel=2)
+        try:
+            return fn(plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype), *args)
+        except (torch.OutOfMemoryError, PlanError) as e:
+            raise RuntimeError(f"out of GPU memory in the {name} phase even after re-planning for "
+                               f"{smaller / 2**30:.2f} GiB; another process may be using the GPU. Free it or pass a "
+                               f"smaller --vram-budget.") from e
 
-    def _image_condition(self, img: torch.Tensor, frame_num: int, lat_f: int, lat_h: int, lat_w: int):
+    def _streamer(self, store, phase: PhasePlan):
+        b = phase.blocks
+        return make_streamer(store, self.device, b.resident, b.slots)
+
+    def _encode_text(self, phase: PhasePlan, prompts: list[str]) -> list[torch.Tensor]:
+        streamer = self._streamer(self.text_store, phase)
+        with on_device([self.text_encoder.norm], self.device):
+            out = encode_text(self.text_encoder, self.tokenizer, prompts, self.device, weights=streamer)
+        streamer.close()
+        return [pad_context([o.to(self.dtype)], self.variant.dit.text_len) for o in out]
+
+    def _encode_image(self, phase: PhasePlan, img: torch.Tensor) -> torch.Tensor:
+        streamer = self._streamer(self.clip_store, phase)
+        pixels = preprocess(img[None].to(self.device), self.variant.clip.image_size).to(self.dtype)
+        with on_device([self.clip], self.device):  # the embeddings and pre-norm; its blocks stream
+            out = self.clip(pixels, weights=streamer)
+        streamer.close()
+        return out
+
+    def _image_condition(self, phase: PhasePlan, img: torch.Tensor, frame_num: int, lat):
         """[1, 4 + z_dim, lat_f, lat_h, lat_w]: the first-frame mask and the VAE latents of (image, zeros...)."""
         s = self.variant.vae.stride
-        h, w = lat_h * s[1], lat_w * s[2]
+        h, w = lat[1] * s[1], lat[2] * s[2]
         first = torch.nn.functional.interpolate(img[None], size=(h, w), mode="bicubic")[0]
         clip = torch.cat([first[:, None], first.new_zeros(3, frame_num - 1, h, w)], dim=1)
-        y = self.vae.encode(clip[None].to(self.device))
-        mask = torch.zeros(1, 4, lat_f, lat_h, lat_w, device=self.device)
+        st = self.variant.vae.stride
+        tile = (phase.tile[0] * st[1], phase.tile[1] * st[2]) if phase.tile else None  # encode tiles in pixels
+        with on_device([self.vae.encoder, self.vae.conv1], self.device):
+            y = self.vae.encode(clip[None].to(self.device), tile=tile, overlap=_overlap(phase.tile) * st[1],
+                                compute_dtype=self.vae_dtype)
+        mask = torch.zeros(1, 4, *lat, device=self.device)
         mask[:, :, 0] = 1  # the first latent frame stands for 4 given frames (the official repeat of frame 0)
         return torch.cat([mask, y.to(mask.dtype)], dim=1)
+
+    def _embed(self, phase: PhasePlan, context, context_null, clip_fea, timesteps):
+        dit = self.dit
+        parts = [dit.text_embedding, dit.time_embedding, dit.time_projection, getattr(dit, "img_emb", None)]
+        with on_device(parts, self.device):
+            ctx, ctx_null = dit.embed_context(context, clip_fea), dit.embed_context(context_null, clip_fea)
+            temb = dit.embed_time(timesteps.to(self.device))  # the whole schedule at once
+        return ctx, ctx_null, temb
+
+    def _denoise(self, phase: PhasePlan, latents, cond, ctx, ctx_null, temb, solver, guide_scale, progress):
+        e, e0 = temb
+        streamer = self._streamer(self.dit_store, phase)
+        with on_device([self.dit.patch_embedding, self.dit.head], self.device):
+            for i in tqdm(range(solver.steps), desc="denoise", unit="step", disable=not progress):
+                t = (e[i : i + 1], e0[i : i + 1])
+                x = latents if cond is None else torch.cat([latents, cond], dim=1)
+                v_cond = self.dit.denoise(x, t, ctx, streamer, phase.chunk)
+                v_uncond = self.dit.denoise(x, t, ctx_null, streamer, phase.chunk)
+                latents = solver.step(cfg(v_cond, v_uncond, guide_scale), i, latents)
+        streamer.close()
+        return latents
+
+    def _decode(self, phase: PhasePlan, latents: torch.Tensor) -> torch.Tensor:
+        """The video is assembled in host RAM, tile by tile: it never sits whole on the GPU."""
+        b, _, t, h, w = latents.shape
+        st = self.variant.vae.stride
+        out = torch.empty(b, 3, 1 + st[0] * (t - 1), h * st[1], w * st[2], pin_memory=self.device.type == "cuda")
+        with on_device([self.vae.decoder, self.vae.conv2], self.device):
+            return self.vae.decode(latents.float(), tile=phase.tile, overlap=_overlap(phase.tile),
+                                   compute_dtype=self.vae_dtype, out=out)
+
+
+def _overlap(tile: tuple[int, int] | None) -> int:
+    """Latents shared by neighbouring VAE tiles: 8 (64 px, diffusers' choice) or half the tile, if smaller."""
+    return min(8, min(tile) // 2) if tile else 8
+
+
+def _store(blocks: list[dict], dtype_of, ram: int):
+    """A host store for the blocks, in RAM if they fit in `ram` bytes; returns it and the RAM left."""
+    need = sum(t.numel() * dtype_of(k, t).itemsize for b in blocks for k, t in b.items())
+    in_ram = need <= ram
+    return make_store(blocks, dtype_of, in_ram), ram - need if in_ram else ram
+
+
+def default_vram_budget(device: torch.device) -> int:
+    """Free memory minus a margin for the CUDA context's growth and other processes; unlimited on the CPU."""
+    if device.type != "cuda":
+        return 2**62
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(free - 512 * 2**20, 0)
 
 
 def i2v_latent_size(hw: tuple[int, int], max_area: int, stride, patch) -> tuple[int, int]:
@@ -174,6 +351,9 @@ def i2v_latent_size(hw: tuple[int, int], max_area: int, stride, patch) -> tuple[
     return lat_h, lat_w
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> WanPipeline:
-    """`wanrt.load(checkpoint_dir)`: open an official or diffusers Wan2.1 checkpoint and build its pipeline."""
-    return WanPipeline(open_checkpoint(path), device, dtype)
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         vram_budget: int | None = None, ram_budget: int | None = None,
+         vae_dtype: torch.dtype = torch.float32) -> WanPipeline:
+    """`wanrt.load(checkpoint_dir)`: open an official or diffusers Wan2.1 checkpoint and build its pipeline.
+    Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is available minus 2 GiB."""
+    return WanPipeline(open_checkpoint(path), device, dtype, vram_budget, ram_budget, vae_dtype)

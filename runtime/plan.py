@@ -11,8 +11,10 @@ and frees (`trace_peak`), so the estimate follows the code as it changes. Prefer
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,11 @@ TILES = (None, (48, 64), (32, 48), (32, 32), (24, 32), (16, 24), (16, 16))  # VA
 
 
 class PlanError(ValueError):
-    """The budget cannot hold even the smallest plan; the message names the budget that would."""
+    """The budget cannot hold even the smallest plan; the message names the budget that would (`needed`)."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed
 
 
 class _PeakTracker(TorchDispatchMode):
@@ -147,8 +153,6 @@ class PhasePlan:
 class Plan:
     budget: int
     phases: tuple[PhasePlan, ...]
-    host_store: str = "pinned"  # or "mmap"
-    notes: tuple[str, ...] = field(default=())
 
     def phase(self, name: str) -> PhasePlan:
         return next(p for p in self.phases if p.name == name)
@@ -158,9 +162,8 @@ class Plan:
         return max(p.peak_bytes for p in self.phases)
 
     def describe(self) -> str:
-        lines = [f"budget {fmt(self.budget)}, planned peak {fmt(self.peak_bytes)}, host weights: {self.host_store}"]
-        lines += ["  " + p.describe() for p in self.phases] + [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        lines = [f"VRAM budget {fmt(self.budget)}, planned peak {fmt(self.peak_bytes)}"]
+        return "\n".join(lines + ["  " + p.describe() for p in self.phases])
 
 
 def choose(candidates, budget: int) -> PhasePlan:
@@ -170,8 +173,7 @@ def choose(candidates, budget: int) -> PhasePlan:
         if plan.peak_bytes <= budget:
             return plan
     smallest = min(candidates, key=lambda p: p.peak_bytes)
-    raise PlanError(f"the {smallest.name} phase needs at least {fmt(smallest.peak_bytes)} of VRAM; the budget is "
-                    f"{fmt(budget)}. Smallest plan: {smallest.describe()}")
+    raise PlanError(f"[{smallest.describe()}]", needed=smallest.peak_bytes)
 
 
 def stream_options(num_blocks: int, block_bytes: int) -> list[StreamPlan]:
@@ -270,9 +272,12 @@ def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
                       {None: trace_peak(model.forward, pixels)})
 
 
-def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int) -> PhasePlan:
-    """Tiled VAE decode (or encode, for I2V); fp32 weights as the official code. The video itself is assembled in
-    host RAM tile by tile, so only one tile's activations and output live on the GPU."""
+def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
+              compute_dtype: torch.dtype = torch.float32) -> PhasePlan:
+    """Tiled VAE decode (or encode, for I2V); fp32 weights as the official code. Decode writes the video into host
+    RAM tile by tile, so only one tile's caches and activations live on the GPU; I2V encode reads its input video
+    (counted as fixed) from the GPU. Every tile runs the same code, and the causal caches reach their steady size by
+    the third latent frame, so tracing one tile through three latent frames gives the peak."""
     from .vae import WanVAE
 
     with torch.device("meta"):
@@ -280,29 +285,53 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int) -> 
     part = vae.decoder if name == "decode" else vae.encoder
     weights = meta_bytes([*part.parameters(), *(vae.conv2 if name == "decode" else vae.conv1).parameters()])
     st = v.vae.stride
+    frames = min(lat[0], 3)
+    fixed = weights + (3 * ((lat[0] - 1) * st[0] + 1) * lat[1] * st[1] * lat[2] * st[2] * 4 if name == "encode" else 0)
     acts = {}
     for tile in TILES:
         if tile is not None and tile[0] >= lat[1] and tile[1] >= lat[2]:
-            continue  # no larger than the frame: untiled covers it
+            continue  # a tile as large as the frame is the untiled plan
         th, tw = (lat[1], lat[2]) if tile is None else (min(tile[0], lat[1]), min(tile[1], lat[2]))
         if name == "decode":
-            z = torch.empty(1, v.vae.z_dim, lat[0], th, tw, device="meta")
-            acts[tile] = trace_peak(vae.decode, z)
+            z = torch.empty(1, v.vae.z_dim, frames, th, tw, device="meta")
+            out = torch.empty(1, 3, (frames - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta")
+            acts[tile] = trace_peak(vae.decode, z, out=out, compute_dtype=compute_dtype)
         else:
-            frames = (lat[0] - 1) * st[0] + 1
-            video = torch.empty(1, 3, frames, th * st[1], tw * st[2], device="meta")
-            acts[tile] = trace_peak(vae.encode, video)
-    return best_phase(name, budget, weights, None, acts)
+            video = torch.empty(1, 3, (frames - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta")
+            acts[tile] = trace_peak(vae.encode, video, compute_dtype=compute_dtype)
+    return best_phase(name, budget, fixed, None, acts)
 
 
-def make_plan(v: Variant, size: tuple[int, int], frame_num: int, steps: int, budget: int,
-              dtype: torch.dtype = torch.bfloat16) -> Plan:
-    """Plan every phase of one generation (W, H = size) under `budget` bytes of VRAM, or raise PlanError."""
-    st = v.vae.stride
-    lat = ((frame_num - 1) // st[0] + 1, size[1] // st[1], size[0] // st[2])
-    phases = [text_phase(v, budget, dtype)]
-    if v.task == "i2v":
-        phases += [clip_phase(v, budget, dtype), vae_phase("encode", v, lat, budget)]
-    phases += [embed_phase(v, steps, budget, dtype), denoise_phase(v, lat, steps, budget, dtype),
-               vae_phase("decode", v, lat, budget)]
+def plan_phase(name: str, v: Variant, lat: tuple[int, int, int], steps: int, budget: int,
+               dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32) -> PhasePlan:
+    """One phase's plan; lat = latent (frames, height, width); dtype of the transformers, vae_dtype of the VAE's
+    convolutions."""
+    if name == "text":
+        return text_phase(v, budget, dtype)
+    if name == "clip":
+        return clip_phase(v, budget, dtype)
+    if name == "embed":
+        return embed_phase(v, steps, budget, dtype)
+    if name == "denoise":
+        return denoise_phase(v, lat, steps, budget, dtype)
+    return vae_phase(name, v, lat, budget, vae_dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def make_plan(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype = torch.bfloat16,
+              vae_dtype: torch.dtype = torch.float32) -> Plan:
+    """Plan every phase of one generation with latents of (frames, height, width) under `budget` bytes of VRAM,
+    or raise PlanError naming the smallest budget that would fit."""
+    names = ["text"] + (["clip", "encode"] if v.task == "i2v" else []) + ["embed", "denoise", "decode"]
+    phases, errors = [], []
+    for name in names:
+        try:
+            phases.append(plan_phase(name, v, lat, steps, budget, dtype, vae_dtype))
+        except PlanError as e:
+            errors.append(e)
+    if errors:  # name the budget that fits every phase
+        need = max(e.needed for e in errors)
+        raise PlanError(f"a VRAM budget of {fmt(budget)} cannot hold this generation: it needs at least {fmt(need)} "
+                        f"(--vram-budget {math.ceil(need / MiB)}MiB). Smallest plans of the phases that do not fit: "
+                        + " ".join(map(str, errors)), needed=need)
     return Plan(budget, tuple(phases))

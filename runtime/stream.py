@@ -225,3 +225,19 @@ def split_blocks(state: dict, num_blocks: int, prefix: str = "blocks") -> tuple[
         else:
             rest[key] = value
     return rest, blocks
+
+
+def make_streamer(store, device: torch.device | str, resident: int, slots: int) -> BlockStreamer:
+    """A streamer whose first `resident` blocks are copied to the device once and stay there."""
+    on_device = {}
+    for i in range(resident):
+        staging = torch.empty(store.layout.nbytes, dtype=torch.uint8) if store.needs_staging else None
+        on_device[i] = store.layout.views(store.host_bytes(i, staging).to(device))
+    return BlockStreamer(store, device, slots, on_device)
+
+
+def make_store(blocks: list[Weights], dtype_of, in_ram: bool) -> PinnedStore | MmapStore:
+    """Pack blocks (dtype_of(name, tensor) -> inference dtype) into RAM, pinned where CUDA exists, or leave them
+    memory-mapped."""
+    layout = BlockLayout.of_block(blocks[0], dtype_of)
+    return PinnedStore(blocks, layout, pin=torch.cuda.is_available()) if in_ram else MmapStore(blocks, layout)

@@ -6,6 +6,11 @@ Parameter names equal the keys of the official `Wan2.1_VAE.pth`, so that file lo
 Video is processed in time chunks (encode: 1, 4, 4, ... frames; decode: one latent frame) and every causal conv
 carries its last input frames to the next chunk in an explicit `CausalCache`. This bounds activation memory by one
 chunk and gives the same result as running the whole clip at once. Numerics follow the official code (fp32).
+
+Spatial tiling (`tile=` on `encode`/`decode`) bounds it further, by one tile: as in diffusers, each tile runs the whole
+causal time loop with its own cache, which is dropped when the tile is done, and tiles are blended with linear ramps
+over their overlaps straight into one preallocated output. `compute_dtype=torch.bfloat16` runs the convolutions and
+activations in bf16 (weights cast on the fly if stored in fp32); RMS norm statistics and the output stay fp32.
 """
 from __future__ import annotations
 
@@ -60,33 +65,54 @@ class CausalCache:
         self.idx += 1
 
 
+def _cast(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A weight in the dtype of the activation it meets (no copy when they agree, as on the official fp32 path)."""
+    return p if p is None or p.dtype == x.dtype else p.to(x.dtype)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding all goes in front (2*pad_t frames, none behind), so output frame t sees
-    only input frames <= t. With a cache, the previous chunk's last frames replace that much zero padding."""
+    only input frames <= t. With a cache, the previous chunk's last frames replace that much zero padding.
+
+    Runs in the input's dtype. The spatial zero padding is left to the convolution itself, so a cached call costs
+    one copy of its input (the concatenation with the cached frames) rather than two (concatenation, then padding).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0):
         super().__init__(in_dim, out_dim, kernel, stride)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
-        self.causal_pad = (pw, pw, ph, ph, 2 * pt, 0)
+        self.front = 2 * pt  # causal frames in front
+        self.pad_hw = (ph, pw)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """x: [B, C, T, H, W] -> [B, C', T', H', W']; with `cache`, takes and advances this conv's slot."""
-        *pad_hw, front, _ = self.causal_pad
-        if cache is not None and front > 0:
-            prev = cache.roll(x, front)
-            if prev is not None:
-                x = torch.cat([prev, x], 2)
-                front -= prev.shape[2]
-        if front or any(pad_hw):
-            x = F.pad(x, (*pad_hw, front, 0))
-        return super().forward(x)
+        if self.front:
+            prev = cache.roll(x, self.front) if cache is not None else None
+            if prev is None:
+                x = F.pad(x, (0, 0, 0, 0, self.front, 0))
+            else:
+                missing = self.front - prev.shape[2]  # 1 on the clip's second chunk: the first had 1 frame
+                parts = [prev, x] if not missing else [torch.zeros_like(prev[:, :, :missing]), prev, x]
+                x = torch.cat(parts, 2)
+        return F.conv3d(x, _cast(self.weight, x), _cast(self.bias, x), self.stride, (0, *self.pad_hw))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that runs in its input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
 
 
 class RMSNorm(nn.Module):
-    """Official `RMS_norm`: x / ||x||_2 over channels (dim 1) * sqrt(C) * gamma, computed in fp32.
+    """Official `RMS_norm`: x / max(||x||_2, 1e-12) over channels (dim 1) * sqrt(C) * gamma.
 
     gamma: [C, 1, 1, 1] for video [B, C, T, H, W]; [C, 1, 1] for images [N, C, H, W] (`images=True`).
+    fp32 x: the official expression. bf16/fp16 x: the same value, x * rsqrt(mean_C(x^2)) * gamma, as one fused
+    `F.rms_norm` that accumulates in fp32 (the official code makes fp32 copies of x, tripling this op's memory
+    traffic); it runs over the innermost dim, which is C for the channels-last activations of that path. Its eps
+    (1e-12 on the mean square) only matters where the official 1e-12 clamp on the norm would.
     """
 
     def __init__(self, dim: int, images: bool = False):
@@ -95,6 +121,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16):
+            gamma = self.gamma.reshape(-1).to(x.dtype)
+            return F.rms_norm(x.movedim(1, -1), gamma.shape, gamma, eps=1e-12).movedim(-1, 1)
         return (F.normalize(x.float(), dim=1) * self.scale * self.gamma).type_as(x)
 
 
@@ -112,9 +141,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         r = self.residual
-        h = r[2](F.silu(r[0](x)), cache)
-        h = r[6](F.silu(r[3](h)), cache)
-        return h + self.shortcut(x)
+        # One expression, so the first conv's output is freed once normalised (peak: x, h, the second conv's
+        # input and output); SiLU in place on the norms' fresh outputs.
+        h = F.silu(r[3](r[2](F.silu(r[0](x), inplace=True), cache)), inplace=True)
+        return r[6](h, cache).add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -123,8 +153,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = RMSNorm(dim, images=True)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.to_qkv = Conv2d(dim, dim * 3, 1)
+        self.proj = Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
@@ -137,10 +167,11 @@ class AttentionBlock(nn.Module):
 
 
 class _NearestUp2x(nn.Module):
-    """2x nearest-exact upsampling of [N, C, H, W]; interpolated in fp32 as the official code does for bf16."""
+    """2x nearest-exact upsampling of [N, C, H, W]. The official code interpolates bf16 in fp32; nearest only copies
+    values, so interpolating in x's dtype gives the same bits without the 4x-sized fp32 temporary."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
 
 
 class Resample(nn.Module):
@@ -158,9 +189,9 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(_NearestUp2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            self.resample = nn.Sequential(_NearestUp2x(), Conv2d(dim, dim // 2, 3, padding=1))
         elif mode.startswith("downsample"):
-            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=2))
         else:
             raise ValueError(f"mode must be upsample2d, upsample3d, downsample2d or downsample3d, got {mode!r}")
         if mode == "upsample3d":
@@ -175,8 +206,11 @@ class Resample(nn.Module):
                 cache.skip()  # keeps slot order fixed; the next chunk then starts time_conv from zero padding
             else:
                 x = self.time_conv(x, cache)  # [B, 2C, T, H, W]: channel halves are the two output frames
-                t *= 2
-                x = x.view(b, 2, c, t // 2, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, t, h, w)
+                cl = x.is_contiguous(memory_format=torch.channels_last_3d)  # and stays so
+                y = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device,
+                                memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+                y[:, :, 0::2], y[:, :, 1::2] = x[:, :c], x[:, c:]
+                x, t = y, 2 * t
         x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
         x = x.view(b, t, *x.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d":
@@ -203,7 +237,7 @@ class Head(nn.ModuleList):
         super().__init__([RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1)])
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        return self[2](F.silu(self[0](x)), cache)
+        return self[2](F.silu(self[0](x), inplace=True), cache)
 
 
 class Encoder3d(nn.Module):
@@ -257,6 +291,82 @@ class Decoder3d(nn.Module):
         return self.head(x, cache)
 
 
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, stop) spans of at most `tile` cells covering [0, length) in order: stride tile - overlap, so
+    neighbours share exactly `overlap` cells, and the last span is clipped to the frame (as diffusers does). One span
+    when length <= tile. Needs 0 <= 2 * overlap <= tile (checked by the callers), which keeps a span's two blend ramps
+    apart and every span longer than its overlaps."""
+    if length <= tile:
+        return [(0, length)]
+    stride = tile - overlap
+    n = -(-(length - overlap) // stride)  # fewest spans whose union reaches `length`
+    return [(i * stride, min(i * stride + tile, length)) for i in range(n)]
+
+
+def decode_tiles(h: int, w: int, tile: tuple[int, int], overlap: int) -> list[tuple[slice, slice]]:
+    """(rows, cols) slices of the spatial tiles of an h x w grid, in raster order (the order decode runs them)."""
+    return [(slice(*r), slice(*c)) for r in tile_spans(h, tile[0], overlap) for c in tile_spans(w, tile[1], overlap)]
+
+
+def tile_blend_weights(spans: list[tuple[int, int]], scale: int = 1) -> list[torch.Tensor]:
+    """Per span of one axis, fp32 weights of length (stop - start) * scale: a linear ramp over each overlap with a
+    neighbour (up from the previous span, down into the next), 1 elsewhere. The ramps of two neighbours sum to 1
+    cell by cell, so summing weight * tile over all tiles of a frame (weights: the outer product of the two axes')
+    blends the overlaps and leaves the rest unchanged. `scale` (8 for decode) refines latent spans to pixels, so the
+    ramps are smooth at pixel level."""
+    out = []
+    for i, (start, stop) in enumerate(spans):
+        w = torch.ones((stop - start) * scale)
+        up = (spans[i - 1][1] - start) * scale if i > 0 else 0
+        down = (stop - spans[i + 1][0]) * scale if i + 1 < len(spans) else 0
+        assert up + down <= w.numel(), f"blend ramps overlap in span {i} of {spans}"
+        if up:
+            w[:up] = (torch.arange(up) + 0.5) / up
+        if down:
+            w[w.numel() - down:] = (torch.arange(down, 0, -1) - 0.5) / down
+        out.append(w)
+    return out
+
+
+def _to_compute(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the compute dtype. bf16/fp16 also go channels-last (NDHWC): cuDNN's tensor-core convs work in it
+    natively (NCDHW costs a layout transform around every conv), the RMS norms become one fused kernel over the
+    innermost dim, and every op of the VAE keeps that layout. fp32 stays NCDHW, as the official code runs."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return x.to(dtype=dtype, memory_format=torch.channels_last_3d)
+    return x.to(dtype)
+
+
+def _tiles(rows: list[tuple[int, int]], cols: list[tuple[int, int]], scale: tuple[int, int],
+           device: torch.device):
+    """Yield (row span, col span, weights, top, left) per tile in raster order. Spans are in grid cells; weights
+    ([rows, cols] fp32 in output cells = grid cells * scale, None for a tile alone on the frame), `top` and `left`
+    (the output rows and columns that earlier tiles already wrote) are in output cells."""
+    wr, wc = tile_blend_weights(rows, scale[0]), tile_blend_weights(cols, scale[1])
+    alone = len(rows) == len(cols) == 1
+    for i, (r0, r1) in enumerate(rows):
+        top = (rows[i - 1][1] - r0) * scale[0] if i > 0 else 0
+        for j, (c0, c1) in enumerate(cols):
+            left = (cols[j - 1][1] - c0) * scale[1] if j > 0 else 0
+            w = None if alone else (wr[i][:, None] * wc[j][None, :]).to(device)
+            yield (r0, r1), (c0, c1), w, top, left
+
+
+def _blend(dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int, left: int) -> None:
+    """Add x * w to dst ([..., rows, cols], a view of the output at one tile), computed in fp32 at least.
+
+    Tiles run in raster order, so the first `top` rows and `left` columns of dst already hold the earlier tiles'
+    shares and are accumulated into; the rest is written for the first time, so dst may start uninitialised.
+    w None (a tile alone on the frame): a plain copy, bit-identical to untiled."""
+    x = x.to(dst.device)
+    if w is None:
+        dst.copy_(x)
+        return
+    torch.mul(x[..., top:, left:], w[top:, left:], out=dst[..., top:, left:])
+    dst[..., :top, :].addcmul_(x[..., :top, :], w[:top])
+    dst[..., top:, :left].addcmul_(x[..., top:, :left], w[top:, :left])
+
+
 class WanVAE(nn.Module):
     """Wan2.1 video VAE. Runs in the dtype of its parameters (fp32 for the official numerics).
 
@@ -292,54 +402,113 @@ class WanVAE(nn.Module):
         cache.advance()
         return h
 
+    def _compute_dtype(self, compute_dtype: torch.dtype | None) -> torch.dtype:
+        if compute_dtype is None:
+            return self.conv1.weight.dtype
+        if not compute_dtype.is_floating_point:
+            raise ValueError(f"compute_dtype must be a floating dtype (torch.float32, torch.bfloat16, ...), "
+                             f"got {compute_dtype}")
+        return compute_dtype
+
+    def _tiling(self, tile: tuple[int, int] | None, overlap: int, grid: tuple[int, int],
+                unit: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Row and column spans over the latent grid; `tile` and `overlap` come in units of 1/unit latent cell."""
+        if tile is None:
+            return [(0, grid[0])], [(0, grid[1])]
+        if (len(tile) != 2 or min(tile) < 1 or any(v % unit for v in tile) or overlap % unit
+                or not 0 <= 2 * overlap <= min(tile)):
+            raise ValueError(f"tile must be (height, width), positive multiples of {unit}, and overlap a multiple "
+                             f"of {unit} in [0, min(tile) / 2]; got tile={tile}, overlap={overlap}")
+        th, tw, ov = tile[0] // unit, tile[1] // unit, overlap // unit
+        return tile_spans(grid[0], th, ov), tile_spans(grid[1], tw, ov)
+
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, normalize: bool = True, tile: tuple[int, int] | None = None,
+               overlap: int = 64, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """video: [B, 3, F, H, W] in [-1, 1], F = 4n+1, H and W multiples of 8 -> latents mu
-        [B, z_dim, (F-1)/4 + 1, H/8, W/8] in the VAE dtype; normalised unless `normalize=False`."""
+        [B, z_dim, (F-1)/4 + 1, H/8, W/8] in the VAE dtype; normalised unless `normalize=False`.
+
+        tile: (height, width) of the spatial tiles in PIXELS (multiples of 8), None for the whole frame at once;
+        overlap: pixels shared by neighbouring tiles (a multiple of 8, at most min(tile) / 2), blended linearly in
+        latent space. 64 px = 8 latents, as diffusers (256 px tiles at a 192 px stride). compute_dtype: dtype of
+        the convolutions and activations, default the VAE's (fp32: official numerics)."""
         st, sh, sw = self.cfg.stride
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, F, H, W], got {tuple(video.shape)}")
-        _, _, f, h, w = video.shape
+        b, _, f, h, w = video.shape
         if f % st != 1 or h % sh or w % sw:
             raise ValueError(f"video frames must be {st}n+1 and H, W multiples of {sh}; got F={f}, H={h}, W={w}")
-        x = video.to(self.conv1.weight.dtype)
-        cache = CausalCache()
-        chunks = [x[:, :, :1]] + [x[:, :, i:i + st] for i in range(1, f, st)]
-        hidden = torch.cat([self.encode_step(c, cache) for c in chunks], 2)
-        mu = self.conv1(hidden)[:, :self.cfg.z_dim]  # the other half is log_var, unused at inference
+        cd = self._compute_dtype(compute_dtype)
+        rows, cols = self._tiling(tile, overlap, (h // sh, w // sw), sh)
+        out = video.new_empty(b, self.cfg.z_dim, (f - 1) // st + 1, h // sh, w // sw, dtype=self.conv1.weight.dtype)
+        for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (1, 1), out.device):
+            mu = self._encode_tile(video[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], cd)
+            _blend(out[:, :, :, r0:r1, c0:c1], mu, wgt, top, left)
         if not normalize:
-            return mu
-        mean, inv_std = self._latent_stats(mu)
-        return (mu - mean) * inv_std
+            return out
+        mean, inv_std = self._latent_stats(out)
+        return out.sub_(mean).mul_(inv_std)
+
+    def _encode_tile(self, video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """mu [B, z_dim, T', h, w] of one spatial tile, through the whole clip with its own cache (freed on return)."""
+        st = self.cfg.stride[0]
+        cache = CausalCache()
+        chunks = [video[:, :, :1]] + [video[:, :, i:i + st] for i in range(1, video.shape[2], st)]
+        hidden = torch.cat([self.encode_step(_to_compute(c, dtype), cache) for c in chunks], 2)
+        return self.conv1(hidden)[:, :self.cfg.z_dim]  # the other half is log_var, unused at inference
 
     def decode_step(self, z_t: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         """One un-normalised latent frame [B, z_dim, 1, h, w] -> video [B, 3, T, 8h, 8w], unclamped, with T = 1 for
-        the clip's first latent frame and 4 after; advances `cache`."""
+        the clip's first latent frame and 4 after; advances `cache`. Runs in z_t's dtype."""
         x = self.decoder(self.conv2(z_t), cache)
         cache.advance()
         return x
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents: normalised [B, z_dim, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1], VAE dtype.
+    def decode(self, latents: torch.Tensor, tile: tuple[int, int] | None = None, overlap: int = 8,
+               compute_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """latents: normalised [B, z_dim, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1].
 
-        Decodes one latent frame at a time; the output is allocated once and filled in place."""
-        if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
+        tile: (height, width) of the spatial tiles in LATENTS, None for the whole frame at once (one tile);
+        overlap: latents shared by neighbouring tiles (at most min(tile) / 2), blended linearly over 8 * overlap
+        pixels. The default 8 (64 px) is diffusers' (32-latent tiles at stride 24), where seams are not visible.
+        Each tile decodes the whole clip, one latent frame at a time, with its own causal cache, and adds its
+        weighted frames straight into the output, so peak memory is one tile's cache and activations.
+        compute_dtype: dtype of the convolutions and activations, default the VAE's (fp32: official numerics);
+        torch.bfloat16 is about 2x faster on GPUs and halves activation memory.
+        out: optional preallocated [B, 3, 4(T-1)+1, 8h, 8w] float tensor on any device (e.g. pinned CPU memory, to
+        keep the video off the GPU); every element is overwritten. Default: a new one on the latents' device, in
+        the VAE dtype. Blending is computed in fp32 (or out's dtype if wider)."""
+        if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(f"latents must be [B, {self.cfg.z_dim}, T, h, w], got {tuple(latents.shape)}")
+        b, _, t, h, w = latents.shape
+        st, sh, sw = self.cfg.stride
+        shape = (b, 3, 1 + st * (t - 1), h * sh, w * sw)
+        if out is None:
+            out = latents.new_empty(shape, dtype=self.conv1.weight.dtype)
+        elif tuple(out.shape) != shape or not out.is_floating_point():
+            raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+        cd = self._compute_dtype(compute_dtype)
+        rows, cols = self._tiling(tile, overlap, (h, w), 1)
         z = latents.to(self.conv1.weight.dtype)
         mean, inv_std = self._latent_stats(z)
         z = z / inv_std + mean
-        b, _, t, h, w = z.shape
-        st, sh, sw = self.cfg.stride
-        out = z.new_empty(b, 3, 1 + st * (t - 1), h * sh, w * sw)
+        for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
+            self._decode_tile(z[:, :, :, r0:r1, c0:c1], out[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], wgt, top,
+                              left, cd)
+        return out
+
+    def _decode_tile(self, z: torch.Tensor, dst: torch.Tensor, w: torch.Tensor | None, top: int, left: int,
+                     dtype: torch.dtype) -> None:
+        """Decode one spatial tile of un-normalised latents through the whole clip with its own cache (freed on
+        return), blending each latent frame's output frames into dst (the output at this tile) as they come."""
         cache = CausalCache()
         start = 0
-        for i in range(t):
-            frames = self.decode_step(z[:, :, i:i + 1], cache).clamp_(-1.0, 1.0)
-            out[:, :, start:start + frames.shape[2]] = frames
+        for i in range(z.shape[2]):
+            frames = self.decode_step(_to_compute(z[:, :, i:i + 1], dtype), cache).clamp_(-1.0, 1.0)
+            _blend(dst[:, :, start:start + frames.shape[2]], frames, w, top, left)
             start += frames.shape[2]
-        assert start == out.shape[2]
-        return out
+        assert start == dst.shape[2]
 
 
 # diffusers AutoencoderKLWan -> official Wan2.1_VAE.pth names. Module-path rules, first match wins; a matched
