@@ -282,8 +282,16 @@ def main() -> None:
     report = {"machine": gpu_info(), "sections": args.only}
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
-        with torch.no_grad():
-            SECTIONS[name](report, args.runs)
+        try:
+            with torch.no_grad():
+                SECTIONS[name](report, args.runs)
+        except Exception as e:  # keep the other sections' results; the error is part of the report
+            import traceback
+
+            traceback.print_exc()
+            report.setdefault("errors", {})[name] = repr(e)
+        gc.collect()
+        cap_memory(None)
         write_report(report, Path(args.out), markdown(report))  # after each section: a crash keeps what finished
     print(markdown(report))
 
