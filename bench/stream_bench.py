@@ -49,12 +49,13 @@ def _dit_setup(variant: str, dtype=torch.bfloat16):
     x = torch.randn(1, cfg.in_dim, *LAT_480P, device="cuda", generator=g)
     ctx = shell.embed_context(torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda", generator=g).to(dtype))
     temb = shell.embed_time(torch.tensor([800.0], device="cuda"))
+    for name in ("text_embedding", "time_embedding", "time_projection"):  # as the pipeline: off the GPU to denoise
+        getattr(shell, name).to("cpu")
     return v, state, shell, store, (x, temb, ctx)
 
 
-def _dit_ours(v, shell, store, inputs, budget: int, runs: int) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+def _dit_ours(v, shell, store, inputs, budget: int, runs: int, out: dict) -> tuple[dict, torch.Tensor]:
     x, temb, ctx = inputs
-    out = {}
     cap_memory(None)
     resident = make_streamer(store, "cuda", resident=v.dit.num_layers, slots=0)
     torch.cuda.reset_peak_memory_stats()
@@ -73,7 +74,7 @@ def _dit_ours(v, shell, store, inputs, budget: int, runs: int) -> tuple[dict, di
     cap_memory(None)
     out["streamed_vs_resident_rel_err"] = rel_err(got, want)
     out["streamed_over_resident"] = round(out["ours_streamed"]["median_ms"] / out["ours_resident"]["median_ms"], 4)
-    return out, phase, want, got
+    return phase, want
 
 
 def bench_dit13(report: dict, runs: int) -> None:
@@ -81,15 +82,16 @@ def bench_dit13(report: dict, runs: int) -> None:
     from diffusers.hooks import apply_group_offloading
 
     v, state, shell, store, inputs = _dit_setup("t2v-1.3B")
-    out, _, want, _ = _dit_ours(v, shell, store, inputs, 1 * GiB, runs)
+    out = report["dit13"] = {}
+    _, want = _dit_ours(v, shell, store, inputs, 1 * GiB, runs, out)
     cfg = v.dit
-    with torch.device("meta"):
+    with torch.device("cuda"):
         ref = WanTransformer3DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
                                     in_channels=cfg.in_dim, out_channels=cfg.out_dim, ffn_dim=cfg.ffn_dim,
                                     num_layers=cfg.num_layers, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim)
     names = dit_from_diffusers({k: k for k in ref.state_dict()})  # official name -> diffusers name
-    ref.load_state_dict({dk: state[ok].to(torch.bfloat16) for ok, dk in names.items()}, assign=True)
-    ref.eval()
+    ref.load_state_dict({dk: state[ok] for ok, dk in names.items()})
+    ref.to(torch.bfloat16).eval()
     x = inputs[0].to(torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda", generator=g).to(torch.bfloat16)
@@ -99,13 +101,13 @@ def bench_dit13(report: dict, runs: int) -> None:
         ref.to("cuda")
         torch.cuda.reset_peak_memory_stats()
         out["diffusers_resident"] = {**time_it(lambda: ref(x, t, text, return_dict=False), runs=runs), **peaks()}
+        out["diffusers_vs_ours_rel_err"] = rel_err(ref(x, t, text, return_dict=False)[0].float(), want)
         ref.to("cpu")
         apply_group_offloading(ref, onload_device=torch.device("cuda"), offload_type="block_level",
                                num_blocks_per_group=1, use_stream=True)
         cap_memory(None)
         out["diffusers_group_offload_block_stream"] = {
             **time_it(lambda: ref(x, t, text, return_dict=False), runs=runs), **peaks()}
-    report["dit13"] = out
     del ref, shell, store
     gc.collect()
 
@@ -113,8 +115,7 @@ def bench_dit13(report: dict, runs: int) -> None:
 def bench_dit14(report: dict, runs: int) -> None:
     v, state, shell, store, inputs = _dit_setup("t2v-14B")
     del state
-    out, *_ = _dit_ours(v, shell, store, inputs, 4 * GiB, runs)
-    report["dit14"] = out
+    _dit_ours(v, shell, store, inputs, 4 * GiB, runs, report.setdefault("dit14", {}))
     del shell, store
     gc.collect()
 
@@ -134,7 +135,7 @@ def bench_text(report: dict, runs: int) -> None:
     store = make_store(blocks, lambda n, t: torch.bfloat16, in_ram=True)
     ids = torch.randint(0, cfg.vocab, (1, cfg.text_len), device="cuda")
     mask = torch.ones_like(ids)
-    out = {}
+    out = report["text"] = {}
     with torch.no_grad():
         cap_memory(None)
         resident = make_streamer(store, "cuda", cfg.num_layers, 0)
@@ -153,7 +154,6 @@ def bench_text(report: dict, runs: int) -> None:
         out["streamed_vs_resident_rel_err"] = rel_err(enc(ids, mask, streamer), want)
         streamer.close()
     cap_memory(None)
-    report["text"] = out
 
 
 def bench_vae(report: dict, runs: int) -> None:
@@ -174,7 +174,8 @@ def bench_vae(report: dict, runs: int) -> None:
     mean = torch.tensor(v.vae.latents_mean, device="cuda").view(1, -1, 1, 1, 1)
     std = torch.tensor(v.vae.latents_std, device="cuda").view(1, -1, 1, 1, 1)
     z = torch.randn(1, 16, *LAT_480P, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    out = {}
+    video = torch.empty(1, 3, 81, 480, 832, pin_memory=True)  # as the pipeline: the video goes to host RAM
+    out = report["vae"] = {}
     with torch.no_grad():
         cap_memory(None)
         out["diffusers_untiled"] = {**time_it(lambda: ref.decode(z * std + mean, return_dict=False), runs=runs),
@@ -188,18 +189,19 @@ def bench_vae(report: dict, runs: int) -> None:
         cap_memory(None)
         out["ours_untiled_fp32"] = {**time_it(lambda: ours.decode(z), runs=runs), **peaks()}
         budget = 1 * GiB
-        phase = vae_phase("decode", v, LAT_480P, budget)
-        cap_memory(budget)
-        out["ours_tiled"] = {**time_it(lambda: ours.decode(z, tile=phase.tile), runs=runs), **peaks(),
-                             "budget_gib": 1.0, "plan": phase.describe(),
-                             "planned_peak_gib": round(phase.peak_bytes / GiB, 3)}
-        tiled = ours.decode(z, tile=phase.tile).float()
-        out["tiled_vs_untiled_psnr_db"] = round(psnr(tiled.to(untiled.device), untiled), 2)
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"ours_tiled_{str(dtype).split('.')[1]}"
+            phase = vae_phase("decode", v, LAT_480P, budget, dtype)
+            cap_memory(budget)
+            out[name] = {**time_it(lambda: ours.decode(z, tile=phase.tile, compute_dtype=dtype, out=video),
+                                   runs=runs), **peaks(), "budget_gib": 1.0, "plan": phase.describe(),
+                         "planned_peak_gib": round(phase.peak_bytes / GiB, 3)}
+            ours.decode(z, tile=phase.tile, compute_dtype=dtype, out=video)
+            out[name]["psnr_vs_untiled_fp32_db"] = round(psnr(video.cuda(), untiled), 2)
         small = z[:, :, :3, :16, :16]
         out["one_tile_covering_frame_identical"] = bool(torch.equal(ours.decode(small, tile=(16, 16)),
                                                                     ours.decode(small)))
     cap_memory(None)
-    report["vae"] = out
 
 
 def bench_generate(report: dict, runs: int) -> None:
@@ -239,29 +241,31 @@ def markdown(report: dict) -> str:
     def row(name, r, note=""):
         lines.append(f"| {name} | {r['median_ms']} | {r['max_reserved_gib']} | {r['max_allocated_gib']} | {note} |")
 
-    if "dit13" in report:
+    if "dit13" in report and "diffusers_group_offload_block_stream" in report["dit13"]:
         d = report["dit13"]
         row("1.3B DiT, ours resident", d["ours_resident"])
         row("1.3B DiT, ours streamed, 1 GiB cap", d["ours_streamed"],
             f"{d['streamed_over_resident']}x resident; {d['ours_streamed']['plan']}")
         row("1.3B DiT, diffusers resident", d["diffusers_resident"])
         row("1.3B DiT, diffusers group offload (block, stream)", d["diffusers_group_offload_block_stream"])
-    if "dit14" in report:
+    if "ours_streamed" in report.get("dit14", {}):
         d = report["dit14"]
         row("14B DiT, ours resident", d["ours_resident"])
         row("14B DiT, ours streamed, 4 GiB cap", d["ours_streamed"],
             f"{d['streamed_over_resident']}x resident; {d['ours_streamed']['plan']}")
-    if "text" in report:
+    if "streamed" in report.get("text", {}):
         d = report["text"]
         row("umT5-XXL 512 tokens, resident", d["resident"])
         row("umT5-XXL 512 tokens, streamed, 1.5 GiB cap", d["streamed"], d["streamed"]["plan"])
-    if "vae" in report:
+    if "ours_untiled_fp32" in report.get("vae", {}):
         d = report["vae"]
         row("VAE decode, diffusers untiled", d["diffusers_untiled"])
         row("VAE decode, diffusers enable_tiling", d["diffusers_tiled"])
         row("VAE decode, ours untiled fp32", d["ours_untiled_fp32"])
-        row("VAE decode, ours tiled, 1 GiB cap", d["ours_tiled"],
-            f"PSNR vs untiled {d['tiled_vs_untiled_psnr_db']} dB; {d['ours_tiled']['plan']}")
+        for name in ("ours_tiled_float32", "ours_tiled_bfloat16"):
+            if name in d:
+                row(f"VAE decode, {name.replace('_', ' ')}, 1 GiB cap", d[name],
+                    f"PSNR vs ours untiled fp32 {d[name]['psnr_vs_untiled_fp32_db']} dB; {d[name]['plan']}")
     if "generate" in report:
         d = report["generate"]
         lines += ["", f"## Whole t2v-1.3B generation, 4 steps, 4 GiB cap: {d['total_s']:.1f} s", "",

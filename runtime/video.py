@@ -5,7 +5,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -23,6 +22,8 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18
         raise ValueError(f"frames must be [F, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"H.264 yuv420p needs even height and width, got {frames.shape[2]}x{frames.shape[1]}")
+    import av  # here, not at import: GPU hosts without PyAV can still run everything but the mp4 writer
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
     os.close(fd)
@@ -44,6 +45,8 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:
     """Decode an mp4 to ([F, H, W, 3] uint8, fps)."""
+    import av
+
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]

@@ -101,3 +101,16 @@ def test_console_script_is_installed(tmp_path):
     proc = subprocess.run([exe, "generate", "--model", tmp_path / "none", "--prompt", "x"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "checkpoint directory not found" in proc.stderr
+
+
+def test_plan_flag_prints_the_plan_and_a_too_small_budget_is_refused(checkpoints, tmp_path, capsys):
+    model = checkpoints["t2v", "official"]
+    assert run_cli("--model", model, "--prompt", PROMPT, "--size", "64*64", "--frame_num", 17, "--plan") == 0
+    out = capsys.readouterr().out
+    assert "denoise" in out and "decode" in out and "host: DiT pinned RAM" in out
+    assert run_cli("--model", model, "--prompt", PROMPT, "--vram-budget", "1MiB", "--out", tmp_path / "v.mp4") == 2
+    err = capsys.readouterr().err
+    assert "needs at least" in err and "--vram-budget" in err and "Traceback" not in err
+    assert not (tmp_path / "v.mp4").exists()
+    with pytest.raises(SystemExit):
+        run_cli("--model", model, "--prompt", PROMPT, "--vram-budget", "lots")
