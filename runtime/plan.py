@@ -29,7 +29,6 @@ MiB = 2**20
 WORKSPACE = 96 * MiB  # cuBLAS workspaces (one per stream) + cuDNN/SDPA scratch + allocator rounding
 CHUNKS = (None, 16384, 8192, 4096, 2048)  # tokens per chunk, largest first (None: all at once)
 SLOTS = (4, 3, 2, 1)  # ring depth, deepest first
-TILES = (None, (48, 64), (32, 48), (32, 32), (24, 32), (16, 24), (16, 16))  # VAE latent tiles (h, w), largest first
 
 
 class PlanError(ValueError):
@@ -274,32 +273,56 @@ def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
 
 def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
               compute_dtype: torch.dtype = torch.float32) -> PhasePlan:
-    """Tiled VAE decode (or encode, for I2V); fp32 weights as the official code. Decode writes the video into host
-    RAM tile by tile, so only one tile's caches and activations live on the GPU; I2V encode reads its input video
-    (counted as fixed) from the GPU. Every tile runs the same code, and the causal caches reach their steady size by
-    the third latent frame, so tracing one tile through three latent frames gives the peak."""
-    from .vae import WanVAE
+    """Tiled VAE decode (or encode, for I2V), weights and activations in `compute_dtype`. The decoded video is
+    assembled on the GPU in that dtype (counted as fixed); encode reads its fp32 input video from the GPU.
+
+    Every tile runs the same code and the causal caches reach their steady size by the third latent frame, so two
+    traced tiles of three latent frames give the activation bytes per latent pixel, which then price every tile
+    size. Among the tiles that fit, the plan takes the one that recomputes the least overlap (the decode time
+    follows the tiled area), then the larger."""
+    from .vae import WanVAE, tile_spans
 
     with torch.device("meta"):
-        vae = WanVAE(v.vae)
+        vae = WanVAE(v.vae).to(compute_dtype)
     part = vae.decoder if name == "decode" else vae.encoder
-    weights = meta_bytes([*part.parameters(), *(vae.conv2 if name == "decode" else vae.conv1).parameters()])
+    size = compute_dtype.itemsize
+    fixed = meta_bytes([*part.parameters(), *(vae.conv2 if name == "decode" else vae.conv1).parameters()])
     st = v.vae.stride
-    frames = min(lat[0], 3)
-    fixed = weights + (3 * ((lat[0] - 1) * st[0] + 1) * lat[1] * st[1] * lat[2] * st[2] * 4 if name == "encode" else 0)
-    acts = {}
-    for tile in TILES:
-        if tile is not None and tile[0] >= lat[1] and tile[1] >= lat[2]:
-            continue  # a tile as large as the frame is the untiled plan
-        th, tw = (lat[1], lat[2]) if tile is None else (min(tile[0], lat[1]), min(tile[1], lat[2]))
+    frames = (lat[0] - 1) * st[0] + 1
+    fixed += 3 * frames * lat[1] * st[1] * lat[2] * st[2] * (size if name == "decode" else 4)
+
+    def traced(th: int, tw: int) -> int:
+        f = min(lat[0], 3)
         if name == "decode":
-            z = torch.empty(1, v.vae.z_dim, frames, th, tw, device="meta")
-            out = torch.empty(1, 3, (frames - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta")
-            acts[tile] = trace_peak(vae.decode, z, out=out, compute_dtype=compute_dtype)
-        else:
-            video = torch.empty(1, 3, (frames - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta")
-            acts[tile] = trace_peak(vae.encode, video, compute_dtype=compute_dtype)
-    return best_phase(name, budget, fixed, None, acts)
+            z = torch.empty(1, v.vae.z_dim, f, th, tw, device="meta")
+            out = torch.empty(1, 3, (f - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta", dtype=compute_dtype)
+            return trace_peak(vae.decode, z, out=out)
+        video = torch.empty(1, 3, (f - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta")
+        return trace_peak(vae.encode, video, compute_dtype=compute_dtype)
+
+    h, w = lat[1], lat[2]
+    small, large = (min(8, h), min(8, w)), (h, w)
+    a, b = traced(*small), traced(*large)
+    per_px = max(b - a, 0) / max(h * w - small[0] * small[1], 1)
+    acts = {None: b}
+    for th in range(16, h + 1, 2):
+        for tw in range(16, w + 1, 2):
+            if (th, tw) != (h, w):
+                acts[(th, tw)] = int(a + per_px * (th * tw - small[0] * small[1]))
+    coverage = {t: _coverage(t, h, w, tile_spans) for t in acts}
+    candidates = sorted((PhasePlan(name, fixed, act, None, None, t) for t, act in acts.items()),
+                        key=lambda c: (coverage[c.tile], -c.activation_bytes))
+    return choose(candidates, budget)
+
+
+def _coverage(tile, h: int, w: int, tile_spans) -> float:
+    """Latent area decoded with this tiling over the frame's area (1.0 untiled; overlaps are decoded twice)."""
+    if tile is None:
+        return 1.0
+    overlap = min(8, min(tile) // 2)
+    rows = sum(b - a for a, b in tile_spans(h, tile[0], overlap))
+    cols = sum(b - a for a, b in tile_spans(w, tile[1], overlap))
+    return rows * cols / (h * w)
 
 
 def plan_phase(name: str, v: Variant, lat: tuple[int, int, int], steps: int, budget: int,

@@ -413,9 +413,11 @@ class WanVAE(nn.Module):
         cache.advance()
         return h
 
-    def _compute_dtype(self, compute_dtype: torch.dtype | None) -> torch.dtype:
+    def _compute_dtype(self, compute_dtype: torch.dtype | None, conv: nn.Module) -> torch.dtype:
+        """compute_dtype, or by default the dtype of the side in use (conv1 ends the encoder, conv2 starts the
+        decoder: a pipeline may cast only the side it runs)."""
         if compute_dtype is None:
-            return self.conv1.weight.dtype
+            return conv.weight.dtype
         if not compute_dtype.is_floating_point:
             raise ValueError(f"compute_dtype must be a floating dtype (torch.float32, torch.bfloat16, ...), "
                              f"got {compute_dtype}")
@@ -449,7 +451,7 @@ class WanVAE(nn.Module):
         b, _, f, h, w = video.shape
         if f % st != 1 or h % sh or w % sw:
             raise ValueError(f"video frames must be {st}n+1 and H, W multiples of {sh}; got F={f}, H={h}, W={w}")
-        cd = self._compute_dtype(compute_dtype)
+        cd = self._compute_dtype(compute_dtype, self.conv1)
         rows, cols = self._tiling(tile, overlap, (h // sh, w // sw), sh)
         out = video.new_empty(b, self.cfg.z_dim, (f - 1) // st + 1, h // sh, w // sw, dtype=self.conv1.weight.dtype)
         for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (1, 1), out.device):
@@ -495,13 +497,14 @@ class WanVAE(nn.Module):
         b, _, t, h, w = latents.shape
         st, sh, sw = self.cfg.stride
         shape = (b, 3, 1 + st * (t - 1), h * sh, w * sw)
+        dtype = self.conv2.weight.dtype
         if out is None:
-            out = latents.new_empty(shape, dtype=self.conv1.weight.dtype)
+            out = latents.new_empty(shape, dtype=dtype)
         elif tuple(out.shape) != shape or not out.is_floating_point():
             raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
-        cd = self._compute_dtype(compute_dtype)
+        cd = self._compute_dtype(compute_dtype, self.conv2)
         rows, cols = self._tiling(tile, overlap, (h, w), 1)
-        z = latents.to(self.conv1.weight.dtype)
+        z = latents.to(dtype)
         mean, inv_std = self._latent_stats(z)
         z = z / inv_std + mean
         for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
