@@ -26,7 +26,7 @@ from .config import Variant
 
 GiB = 2**30
 MiB = 2**20
-WORKSPACE = 96 * MiB  # cuBLAS workspaces (one per stream) + cuDNN/SDPA scratch + allocator rounding
+WORKSPACE = 48 * MiB  # cuBLAS workspaces (one per stream) + cuDNN/SDPA scratch + allocator rounding
 CHUNKS = (None, 16384, 8192, 4096, 2048)  # tokens per chunk, largest first (None: all at once)
 SLOTS = (4, 3, 2, 1)  # ring depth, deepest first
 
