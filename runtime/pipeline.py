@@ -229,36 +229,40 @@ class WanPipeline:
 
     # -- phases: each takes its PhasePlan first
     def _run_phase(self, plan: Plan, lat, steps, name: str, fn, *args):
-        """Run one phase under its plan, recording its predicted and measured peaks in `phase_stats`. If the GPU
-        still runs out of memory (another process took some), re-plan the phase once for what is free now, then fail
-        with a clear message."""
-        phase = plan.phase(name)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        """Run one phase under its plan. If the GPU still runs out of memory (another process took some), re-plan
+        the phase once for what is free now, then fail with a clear message."""
         try:
-            out = fn(phase, *args)
-            if cuda:
-                torch.cuda.synchronize(self.device)
-                self.phase_stats[name] = {
-                    "predicted_peak": phase.peak_bytes, "max_allocated": torch.cuda.max_memory_allocated(self.device),
-                    "max_reserved": torch.cuda.max_memory_reserved(self.device),
-                    "seconds": time.perf_counter() - start, "plan": phase.describe()}
-            return out
+            return self._measured(name, plan.phase(name), fn, *args)
         except torch.OutOfMemoryError:
             pass
         torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info(self.device)[0] - torch.cuda.memory_reserved(self.device)
-        smaller = min(plan.budget * 3 // 4, max(free, 0))
+        free = torch.cuda.mem_get_info(self.device)[0]
+        smaller = min(plan.budget * 3 // 4, free)
         warnings.warn(f"out of GPU memory in the {name} phase; retrying it with a {smaller / 2**30:.2f} GiB plan",
-                      stacklevel=2)
+                      stacklevel=3)
         try:
-            return fn(plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype), *args)
+            phase = plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype)
+            return self._measured(name, phase, fn, *args)
         except (torch.OutOfMemoryError, PlanError) as e:
             raise RuntimeError(f"out of GPU memory in the {name} phase even after re-planning for "
                                f"{smaller / 2**30:.2f} GiB; another process may be using the GPU. Free it or pass a "
                                f"smaller --vram-budget.") from e
+
+    def _measured(self, name: str, phase: PhasePlan, fn, *args):
+        """fn(phase, *args), recording the phase's planned and measured peaks and its time in `phase_stats`. Cached
+        blocks of the previous phase are released first: each phase's shapes differ, so they would only fragment."""
+        if self.device.type != "cuda":
+            return fn(phase, *args)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        out = fn(phase, *args)
+        torch.cuda.synchronize(self.device)
+        self.phase_stats[name] = {
+            "predicted_peak": phase.peak_bytes, "max_allocated": torch.cuda.max_memory_allocated(self.device),
+            "max_reserved": torch.cuda.max_memory_reserved(self.device), "seconds": time.perf_counter() - start,
+            "plan": phase.describe()}
+        return out
 
     def _streamer(self, store, phase: PhasePlan):
         b = phase.blocks
