@@ -87,10 +87,14 @@ class _FusedKernels(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
-            q, v = args[0], args[2]
+            q, k, v = args[:3]
             lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            # An arbitrary additive mask (umT5's position bias) rules out the flash kernels: count the score and
+            # probability matrices the fallback makes.
+            masked = (kwargs or {}).get("attn_mask") is not None
+            scores = [q.new_empty(*q.shape[:-1], k.shape[-2]) for _ in range(2 if masked else 0)]
             out = q.new_empty(*q.shape[:-1], v.shape[-1])
-            del lse
+            del lse, scores
             return out
         if func is F.rms_norm:
             return torch.empty_like(args[0])
@@ -272,7 +276,7 @@ def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
 
     cfg = v.text
     model = _one_block_model(UMT5Encoder, cfg, dtype)
-    ids = torch.empty(1, cfg.text_len, dtype=torch.long, device="meta")
+    ids = torch.empty(2, cfg.text_len, dtype=torch.long, device="meta")  # the prompt and the negative prompt
     act = trace_peak(model.forward, ids, torch.empty_like(ids))
     return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers,
                       _block_bytes(model)), {None: act})
