@@ -353,6 +353,13 @@ def _tiles(rows: list[tuple[int, int]], cols: list[tuple[int, int]], scale: tupl
             yield (r0, r1), (c0, c1), w, top, left
 
 
+def _release_cached_blocks(like: torch.Tensor) -> None:
+    """Edge tiles differ in size, so the allocator could not reuse a finished tile's freed blocks for the next one
+    and would keep them reserved (measured: 150 MiB at a 1 GiB cap on an H100): return them to the device."""
+    if like.is_cuda:
+        torch.cuda.empty_cache()
+
+
 def _blend(dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int, left: int) -> None:
     """Add x * w to dst ([..., rows, cols], a view of the output at one tile), computed in fp32 at least.
 
@@ -457,6 +464,7 @@ class WanVAE(nn.Module):
         for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (1, 1), out.device):
             mu = self._encode_tile(video[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], cd)
             _blend(out[:, :, :, r0:r1, c0:c1], mu, wgt, top, left)
+            _release_cached_blocks(mu)
         if not normalize:
             return out
         mean, inv_std = self._latent_stats(out)
@@ -510,6 +518,7 @@ class WanVAE(nn.Module):
         for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
             self._decode_tile(z[:, :, :, r0:r1, c0:c1], out[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], wgt, top,
                               left, cd)
+            _release_cached_blocks(z)
         return out
 
     def _decode_tile(self, z: torch.Tensor, dst: torch.Tensor, w: torch.Tensor | None, top: int, left: int,
