@@ -290,11 +290,12 @@ def markdown(report: dict) -> str:
     if "generate" in report:
         d = report["generate"]
         lines += ["", f"## Whole t2v-1.3B generation, 4 steps, 4 GiB cap: {d['total_s']:.1f} s", "",
-                  "| phase | predicted (GiB) | max reserved | max allocated | predicted / reserved | s |",
-                  "|---|---|---|---|---|---|"]
+                  "| phase | predicted (GiB) | max allocated | predicted / allocated | max reserved | "
+                  "predicted / reserved | s | plan |", "|---|---|---|---|---|---|---|---|"]
         for name, p in d["phases"].items():
-            lines.append(f"| {name} | {p['predicted_gib']} | {p['max_reserved_gib']} | {p['max_allocated_gib']} | "
-                         f"{p['predicted_over_reserved']} | {p['seconds']} |")
+            lines.append(f"| {name} | {p['predicted_gib']} | {p['max_allocated_gib']} | "
+                         f"{p['predicted_gib'] / p['max_allocated_gib']:.3f} | {p['max_reserved_gib']} | "
+                         f"{p['predicted_over_reserved']} | {p['seconds']} | {p['plan'].split(',', 1)[1].strip()} |")
     return "\n".join(lines) + "\n"
 
 
