@@ -47,11 +47,16 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device 
     return a.cos().float().to(device), a.sin().float().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] fp32 by the angles of cos/sin [L, D/2]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] fp32 by the angles of cos/sin [L, D/2], computed
+    in fp32 and written straight into a `dtype` result (default x's): no stacked fp32 copy."""
     xr, xi = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None], sin[:, None]
-    return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+    out = torch.empty_like(x, dtype=dtype or x.dtype)
+    real, imag = out.unflatten(-1, (-1, 2)).unbind(-1)
+    real.copy_(xr * cos - xi * sin)
+    imag.copy_(xr * sin + xi * cos)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- the block
@@ -62,7 +67,9 @@ def linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+    """Official `WanRMSNorm`: normalised in fp32 (the GPU kernel accumulates in fp32 without an fp32 copy of x),
+    rounded to x's dtype, then scaled by the fp32 weight: an fp32 result."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight.float()
 
 
 def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
@@ -93,7 +100,8 @@ def qk(h: torch.Tensor, w: Weights, attn: str, proj: str, rope: tuple[torch.Tens
     dtype."""
     name = f"{attn}.{proj}"
     y = heads(rms_norm(linear(h, w, name), w[f"{attn}.norm_{proj}.weight"], cfg.eps), cfg)
-    return (apply_rope(y, *rope) if rope is not None else y).to(w[f"{name}.weight"].dtype)
+    dtype = w[f"{name}.weight"].dtype
+    return apply_rope(y, *rope, dtype) if rope is not None else y.to(dtype)
 
 
 def heads(y: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -120,11 +128,11 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
     k = x.new_empty(*x.shape[:2], cfg.num_heads, cfg.head_dim, dtype=dtype)
     v = torch.empty_like(k)
     for s in parts:
-        h = modulate(x[:, s], shift_sa, scale_sa, cfg.eps)
+        h = modulate(x[:, s], shift_sa, scale_sa, cfg.eps).to(dtype)  # the GEMMs' input dtype, once
         k[:, s] = qk(h, w, "self_attn", "k", (cos[s], sin[s]), cfg)
         v[:, s] = heads(linear(h, w, "self_attn.v"), cfg)
     for s in parts:
-        q = qk(modulate(x[:, s], shift_sa, scale_sa, cfg.eps), w, "self_attn", "q", (cos[s], sin[s]), cfg)
+        q = qk(modulate(x[:, s], shift_sa, scale_sa, cfg.eps).to(dtype), w, "self_attn", "q", (cos[s], sin[s]), cfg)
         x[:, s] += linear(attention(q, k, v), w, "self_attn.o").float() * gate_sa
     del k, v
 
@@ -146,7 +154,8 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
     # Feed-forward, chunk by chunk: its [L, ffn_dim] hidden state is the largest activation of the block.
     for s in parts:
         h = modulate(x[:, s], shift_ff, scale_ff, cfg.eps)
-        x[:, s] += linear(F.gelu(linear(h, w, "ffn.0"), approximate="tanh"), w, "ffn.2").float() * gate_ff
+        hidden = torch.ops.aten.gelu_(linear(h, w, "ffn.0"), approximate="tanh")  # in place: [c, ffn_dim] once
+        x[:, s] += linear(hidden, w, "ffn.2").float() * gate_ff
     return x
 
 
