@@ -267,7 +267,10 @@ def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> Phas
     clip = torch.empty(1, cfg.image_tokens, cfg.image_dim, device="meta", dtype=dtype) if v.clip else None
     act = max(trace_peak(model.embed_context, context, clip),
               trace_peak(model.embed_time, torch.empty(steps, device="meta")))
-    return best_phase("embed", budget, meta_bytes(weights), None, {None: act})
+    ctx_len = cfg.text_len + (cfg.image_tokens if v.clip else 0)
+    # held through the phase: both text contexts in, both embedded contexts and the schedule's time embeddings out
+    held = 2 * meta_bytes([context]) + 2 * ctx_len * cfg.dim * dtype.itemsize + steps * 7 * cfg.dim * 4
+    return best_phase("embed", budget, meta_bytes(weights) + held, None, {None: act})
 
 
 def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
