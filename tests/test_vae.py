@@ -1,6 +1,7 @@
 """WanVAE vs diffusers AutoencoderKLWan on the tiny config (random weights, fp32, CPU), plus the key mapping."""
 import pytest
 import torch
+from randomize import randomize_gains_and_biases
 
 from wanrt.runtime.config import VAEConfig, VARIANTS
 from wanrt.runtime.vae import CausalCache, WanVAE, vae_from_diffusers
@@ -28,14 +29,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def pair():
     """(ours, diffusers) with identical random weights; RMS gammas randomised too."""
     torch.manual_seed(0)
-    ref = _diffusers_vae(CFG).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            # conv weights keep diffusers' fan-in scaled init, which keeps activations O(1) through the stack
+    ref = randomize_gains_and_biases(_diffusers_vae(CFG).eval())
     ours = WanVAE(CFG).eval()
     ours.load_state_dict(vae_from_diffusers(ref.state_dict(), CFG), strict=True)
     return ours, ref

@@ -5,6 +5,7 @@ thresholds below are floors measured on this model, not quality targets; the pri
 """
 import pytest
 import torch
+from randomize import randomize_gains_and_biases
 
 from wanrt.runtime.config import VARIANTS
 from wanrt.runtime.vae import CausalCache, RMSNorm, WanVAE, decode_tiles, tile_blend_weights, tile_spans
@@ -15,14 +16,7 @@ CFG = VARIANTS["tiny-t2v"].vae
 @pytest.fixture(scope="module")
 def vae() -> WanVAE:
     torch.manual_seed(0)
-    model = WanVAE(CFG).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
+    return randomize_gains_and_biases(WanVAE(CFG).eval())
 
 
 @pytest.fixture(scope="module")
