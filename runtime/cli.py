@@ -16,12 +16,12 @@ def parse_bytes(text: str) -> int:
     number = text.strip().rstrip("BbIiKkMmGg")
     unit = text.strip()[len(number):].lower()
     try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in _UNITS or value <= 0:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = 0
+    if not 1 <= value < 2**62:  # also rejects inf and nan
         raise argparse.ArgumentTypeError(f"expected a size like 4GiB or 512MiB, got {text!r}")
-    return int(value * _UNITS[unit])
+    return int(value)
 
 
 def _generate(args: argparse.Namespace) -> None:

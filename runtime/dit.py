@@ -276,7 +276,8 @@ class WanDiT(nn.Module):
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         pe = self.patch_embedding
         tokens = F.conv3d(x.to(pe.weight.dtype), pe.weight, pe.bias, stride=cfg.patch_size)
-        x = tokens.flatten(2).transpose(1, 2).float()  # [B, L, dim], the fp32 residual stream
+        # [B, L, dim], the fp32 residual stream, token-major so every chunk x[:, s] is one contiguous block
+        x = tokens.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         del tokens
         rope = rope_tables(cfg.head_dim, grid, x.device)
         for i in range(cfg.num_layers):

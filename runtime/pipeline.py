@@ -104,9 +104,9 @@ def on_device(modules, device: torch.device, dtype: torch.dtype | None = None):
     afterwards (no copy back). Parameters on the meta device (blocks served by a streamer) are left alone."""
     params = [p for m in modules if m is not None for p in m.parameters() if p.device.type != "meta"]
     home = [p.data for p in params]
-    for p in params:
-        p.data = p.data.to(device, dtype or p.dtype, non_blocking=True)
-    try:
+    try:  # inside: if a copy runs out of memory, the ones made so far go back too
+        for p in params:
+            p.data = p.data.to(device, dtype or p.dtype, non_blocking=True)
         yield
     finally:
         for p, data in zip(params, home):
@@ -134,13 +134,13 @@ class WanPipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 GEMMs on the GPU as the official code; fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.vram_budget = vram_budget or default_vram_budget(self.device)
+        self.vram_budget = default_vram_budget(self.device) if vram_budget is None else vram_budget
         # The VAE: bf16 on the GPU (about 2x faster, half the memory; 51 dB PSNR from fp32 at full size, see
         # bench/results), fp32 elsewhere and whenever asked, as the official code runs it.
         self.vae_dtype = vae_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         v = ckpt.variant
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, v.text.text_len)
-        self.ram_budget = ram_budget or available_ram() - 2 * 2**30
+        self.ram_budget = available_ram() - 2 * 2**30 if ram_budget is None else ram_budget
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
@@ -164,7 +164,8 @@ class WanPipeline:
         return self.ckpt.variant
 
     def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None) -> Plan:
-        return make_plan(self.variant, lat, steps, budget or self.vram_budget, self.dtype, self.vae_dtype)
+        budget = self.vram_budget if budget is None else budget
+        return make_plan(self.variant, lat, steps, budget, self.dtype, self.vae_dtype)
 
     def latent_shape(self, size: str, frame_num: int, image=None) -> tuple[int, int, int]:
         """(frames, height, width) of the latents; I2V keeps the image's aspect ratio under size's area."""
@@ -179,7 +180,7 @@ class WanPipeline:
         """The plan `generate` would follow, and where the blocks live in host memory."""
         v = self.variant
         size = size or (v.sizes[0] if v.sizes else None)
-        steps = sample_steps or v.sample_steps
+        steps = v.sample_steps if sample_steps is None else sample_steps
         if size is None:
             raise ValueError("pass --size (width*height): this checkpoint has no named variant with default sizes")
         check_request(self.ckpt, size, frame_num, steps, image)
@@ -199,7 +200,7 @@ class WanPipeline:
         size = size or (v.sizes[0] if v.sizes else None)
         if size is None:
             raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
-        steps = sample_steps or v.sample_steps
+        steps = v.sample_steps if sample_steps is None else sample_steps
         check_request(self.ckpt, size, frame_num, steps, image)
         shift = sample_shift if sample_shift is not None else default_shift(v.task, size)
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
@@ -264,24 +265,25 @@ class WanPipeline:
             "plan": phase.describe()}
         return out
 
+    @contextmanager
     def _streamer(self, store, phase: PhasePlan):
         b = phase.blocks
-        return make_streamer(store, self.device, b.resident, b.slots)
+        streamer = make_streamer(store, self.device, b.resident, b.slots)
+        try:
+            yield streamer
+        finally:
+            streamer.close()
 
     def _encode_text(self, phase: PhasePlan, prompts: list[str]) -> list[torch.Tensor]:
-        streamer = self._streamer(self.text_store, phase)
-        with on_device([self.text_encoder.norm], self.device):
+        with self._streamer(self.text_store, phase) as streamer, on_device([self.text_encoder.norm], self.device):
             out = encode_text(self.text_encoder, self.tokenizer, prompts, self.device, weights=streamer)
-        streamer.close()
         return [pad_context([o.to(self.dtype)], self.variant.dit.text_len) for o in out]
 
     def _encode_image(self, phase: PhasePlan, img: torch.Tensor) -> torch.Tensor:
-        streamer = self._streamer(self.clip_store, phase)
         pixels = preprocess(img[None].to(self.device), self.variant.clip.image_size).to(self.dtype)
-        with on_device([self.clip], self.device):  # the embeddings and pre-norm; its blocks stream
-            out = self.clip(pixels, weights=streamer)
-        streamer.close()
-        return out
+        # the embeddings and pre-norm go to the device; the blocks stream
+        with self._streamer(self.clip_store, phase) as streamer, on_device([self.clip], self.device):
+            return self.clip(pixels, weights=streamer)
 
     def _image_condition(self, phase: PhasePlan, img: torch.Tensor, frame_num: int, lat):
         """[1, 4 + z_dim, lat_f, lat_h, lat_w]: the first-frame mask and the VAE latents of (image, zeros...)."""
@@ -308,15 +310,15 @@ class WanPipeline:
 
     def _denoise(self, phase: PhasePlan, latents, cond, ctx, ctx_null, temb, solver, guide_scale, progress):
         e, e0 = temb
-        streamer = self._streamer(self.dit_store, phase)
-        with on_device([self.dit.patch_embedding, self.dit.head], self.device):
+        solver.reset()  # a re-planned retry starts the schedule again
+        with self._streamer(self.dit_store, phase) as streamer, \
+                on_device([self.dit.patch_embedding, self.dit.head], self.device):
             for i in tqdm(range(solver.steps), desc="denoise", unit="step", disable=not progress):
                 t = (e[i : i + 1], e0[i : i + 1])
                 x = latents if cond is None else torch.cat([latents, cond], dim=1)
                 v_cond = self.dit.denoise(x, t, ctx, streamer, phase.chunk)
                 v_uncond = self.dit.denoise(x, t, ctx_null, streamer, phase.chunk)
                 latents = solver.step(cfg(v_cond, v_uncond, guide_scale), i, latents)
-        streamer.close()
         return latents
 
     def _decode(self, phase: PhasePlan, latents: torch.Tensor) -> torch.Tensor:

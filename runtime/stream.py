@@ -199,14 +199,20 @@ class BlockStreamer:
         """Wait for outstanding copies and restart the order at its first block."""
         for _, fut in self._pending.values():
             fut.result()
+        if self._cuda:  # queued copies may still write the slots: later work on the compute stream waits for them
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
         self._release_previous()
         self._pending.clear()
         self._pos = self._issued = 0
 
     def close(self) -> None:
+        """Free the slots, staging buffers and resident blocks, once no copy can still touch them."""
         self.reset()
         self._worker.shutdown(wait=True)
+        if self._cuda:
+            self._stream.synchronize()
         self._buf = self._views = self._staging = []
+        self.resident = {}
 
     @property
     def device_bytes(self) -> int:

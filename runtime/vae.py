@@ -512,9 +512,8 @@ class WanVAE(nn.Module):
             raise ValueError(f"out must be a float tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
         cd = self._compute_dtype(compute_dtype, self.conv2)
         rows, cols = self._tiling(tile, overlap, (h, w), 1)
-        z = latents.to(dtype)
-        mean, inv_std = self._latent_stats(z)
-        z = z / inv_std + mean
+        mean, inv_std = self._latent_stats(latents.float())
+        z = (latents.float() / inv_std + mean).to(dtype)  # un-normalised in fp32, then rounded once
         for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
             self._decode_tile(z[:, :, :, r0:r1, c0:c1], out[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], wgt, top,
                               left, cd)

@@ -93,7 +93,33 @@ def test_mmap_and_pinned_stores_generate_identical_frames(checkpoints):
 
     kw = dict(image=Image.fromarray(image), size="64*48", frame_num=5, sample_steps=2, base_seed=4, progress=False)
     ram = wanrt.load(path, device="cpu")
-    mapped = wanrt.load(path, device="cpu", ram_budget=1)  # no RAM budget: every block stays memory-mapped
+    mapped = wanrt.load(path, device="cpu", ram_budget=0)  # no RAM budget: every block stays memory-mapped
     img = kw["image"]
     assert "memory-mapped" in mapped.describe_plan("64*48", 5, 2, img) and "pinned RAM" in ram.describe_plan("64*48", 5, 2, img)
     assert np.array_equal(ram.generate("a cat", **kw).frames, mapped.generate("a cat", **kw).frames)
+
+
+def test_an_out_of_memory_phase_is_replanned_once_and_gives_the_same_video(checkpoints, monkeypatch):
+    path = checkpoints["t2v", "official"]
+    kw = dict(size="32*32", frame_num=5, sample_steps=3, base_seed=9, progress=False)
+    want = wanrt.load(path, device="cpu").generate("a red circle", **kw).frames
+    pipe = wanrt.load(path, device="cpu", vram_budget=2**40)
+    calls = {"n": 0}
+    denoise = pipe.dit.denoise
+
+    def flaky(*args, **kwargs):  # another process grabs memory in the middle of the second step, once
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("simulated")
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.dit, "denoise", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**32, 2**40))
+    with pytest.warns(UserWarning, match="out of GPU memory in the denoise phase; retrying"):
+        got = pipe.generate("a red circle", **kw).frames
+    assert np.array_equal(got, want)
+
+    monkeypatch.setattr(pipe.dit, "denoise", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="even after re-planning"):
+        pipe.generate("a red circle", **kw)
