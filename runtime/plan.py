@@ -3,10 +3,13 @@ GPU, how many blocks stream through how many slots, how many tokens are processe
 are; or refuse, naming the smallest budget that would fit.
 
 Peak of a phase = weights on the GPU (resident parts + resident blocks + ring slots) + the largest set of live
-activations + a fixed workspace margin (cuBLAS / cuDNN workspaces, allocator rounding). Activations are not modelled
-by hand: the phase's own code runs once on the meta device under a dispatch mode that adds up every tensor it creates
-and frees (`trace_peak`), so the estimate follows the code as it changes. Preference order when the budget allows
-(DESIGN.md): more resident blocks, deeper prefetch, larger activation chunks, larger VAE tiles.
+activations + a fixed workspace margin (cuBLAS / cuDNN workspaces). Activations are not modelled by hand: the phase's
+own code runs once on the meta device under a dispatch mode that adds up every tensor it creates and frees
+(`trace_peak`), so the estimate follows the code as it changes. A plan must leave the allocator some slack (`usable`).
+
+Preference order (DESIGN.md lists resident blocks first; measurements put overlap and chunk size first, because the
+ring hides the copies and small chunks cost time): every block resident; a ring of at least two slots; larger token
+chunks; more resident blocks; a deeper ring. VAE tiles: the least recomputed overlap, then the larger tile.
 """
 from __future__ import annotations
 
@@ -204,23 +207,19 @@ def stream_options(num_blocks: int, block_bytes: int) -> list[StreamPlan]:
 
 
 def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: dict) -> PhasePlan:
-    """Pick blocks and the activation option (token chunk or VAE tile; keys of `activations`, None = whole).
+    """Pick the blocks' placement and the token chunk (keys of `activations`; None = all tokens at once).
 
     Preference: every block resident; else a ring of at least two slots, so copies overlap compute (one slot
-    serialises them); then larger chunks or tiles (fewer, larger kernels); then more resident blocks (less PCIe
-    traffic, which the ring already hides); then a deeper ring (it only helps links slower than the compute)."""
-    tiled = name in ("decode", "encode")
-    size = (lambda o: float("inf") if o is None else (o[0] * o[1] if tiled else o))
+    serialises them); then larger chunks (fewer, larger kernels); then more resident blocks (less PCIe traffic,
+    which the ring already hides); then a deeper ring (it only helps links slower than the compute)."""
 
     def key(c: PhasePlan):
         b = c.blocks
-        option = c.tile if tiled else c.chunk
         streamed = bool(b and b.streamed)
-        return (streamed, -min(b.slots, 2) if streamed else 0, -size(option), -(b.resident if b else 0),
-                -(b.slots if b else 0))
+        return (streamed, -min(b.slots, 2) if streamed else 0, -(c.chunk or float("inf")),
+                -(b.resident if b else 0), -(b.slots if b else 0))
 
-    candidates = [PhasePlan(name, fixed, act, b, None if tiled else o, o if tiled else None)
-                  for b in (blocks or [None]) for o, act in activations.items()]
+    candidates = [PhasePlan(name, fixed, act, b, chunk) for b in (blocks or [None]) for chunk, act in activations.items()]
     return choose(sorted(candidates, key=key), budget)
 
 
@@ -232,7 +231,7 @@ def _one_block_model(cls, cfg, dtype: torch.dtype):
     return model.to_inference_dtype(dtype) if hasattr(model, "to_inference_dtype") else model.to(dtype)
 
 
-def _block_bytes(model, dtype_of=None) -> int:
+def _block_bytes(model) -> int:
     from .stream import BlockLayout
 
     return BlockLayout.of_block(model.block_weights(0), lambda k, v: v.dtype).nbytes
