@@ -141,10 +141,10 @@ class WanPipeline:
         v = ckpt.variant
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, v.text.text_len)
         self.ram_budget = available_ram() - 2 * 2**30 if ram_budget is None else ram_budget
+        self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
-        self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
         ram = self.ram_budget
         dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
