@@ -85,7 +85,10 @@ def _shell(module_cls, config, state: dict, dtype: torch.dtype | None) -> torch.
     parameters stay on the meta device and are never touched)."""
     with torch.device("meta"):
         model = module_cls(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: a checkpoint of another size than its config says
+        raise ValueError(f"{module_cls.__name__} weights do not match its config: {e}") from None
     missing = [k for k in missing if not k.startswith(BLOCK_PREFIXES)]
     if missing or unexpected:
         raise ValueError(f"{module_cls.__name__} weights do not match its config: missing {missing[:5]}, "
@@ -148,16 +151,17 @@ class WanPipeline:
         ram = self.ram_budget
         dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
-        self.dit_store, ram = _store(dit_blocks, lambda n, t: torch.float32 if keeps_fp32(n) else self.dtype, ram)
+        self.dit_store, ram = _store(dit_blocks, self.dit, lambda n, t: torch.float32 if keeps_fp32(n) else self.dtype,
+                                     ram)
         text_rest, text_blocks = split_blocks(ckpt.text_state(mmap=True), v.text.num_layers)
         self.text_encoder = _shell(UMT5Encoder, v.text, text_rest, self.dtype)
-        self.text_store, ram = _store(text_blocks, lambda n, t: self.dtype, ram)
+        self.text_store, ram = _store(text_blocks, self.text_encoder, lambda n, t: self.dtype, ram)
         self.vae = _shell(WanVAE, v.vae, ckpt.vae_state(), None)  # fp32, as the official code
         self.clip = self.clip_store = None
         if v.clip is not None:
             clip_rest, clip_blocks = split_blocks(ckpt.clip_state(), v.clip.use_layers, prefix="transformer")
             self.clip = _shell(CLIPVision, v.clip, clip_rest, self.dtype)
-            self.clip_store, ram = _store(clip_blocks, lambda n, t: self.dtype, ram)
+            self.clip_store, ram = _store(clip_blocks, self.clip, lambda n, t: self.dtype, ram)
 
     @property
     def variant(self):
@@ -333,8 +337,17 @@ def _overlap(tile: tuple[int, int] | None) -> int:
     return min(8, min(tile) // 2) if tile else 8
 
 
-def _store(blocks: list[dict], dtype_of, ram: int):
-    """A host store for the blocks, in RAM if they fit in `ram` bytes; returns it and the RAM left."""
+def _store(blocks: list[dict], model, dtype_of, ram: int):
+    """A host store for the blocks, in RAM if they fit in `ram` bytes; returns it and the RAM left. Every block is
+    checked against the model's (meta) block first, so a bad checkpoint fails here, naming the tensor."""
+    expected = {k: tuple(p.shape) for k, p in model.block_weights(0).items()}
+    for i, block in enumerate(blocks):
+        got = {k: tuple(t.shape) for k, t in block.items()}
+        if got != expected:
+            bad = sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))
+            raise ValueError(f"block {i} of {type(model).__name__} does not match its config: "
+                             + ", ".join(f"{k} {got.get(k, 'missing')} (expected {expected.get(k, 'none')})"
+                                         for k in bad[:4]))
     need = sum(t.numel() * dtype_of(k, t).itemsize for b in blocks for k, t in b.items())
     in_ram = need <= ram
     return make_store(blocks, dtype_of, in_ram), ram - need if in_ram else ram

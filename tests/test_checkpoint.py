@@ -152,3 +152,15 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         open_checkpoint(tmp_path)
+
+
+def test_a_block_of_the_wrong_shape_is_named(checkpoints, tmp_path):
+    import wanrt
+
+    root = copy_of(checkpoints, tmp_path)
+    state = load_file(root / "diffusion_pytorch_model.safetensors")
+    state["blocks.1.ffn.0.weight"] = state["blocks.1.ffn.0.weight"][:-1].clone()
+    del state["blocks.0.self_attn.q.bias"]
+    save_file(state, root / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=r"block 0 of WanDiT does not match its config: self_attn.q.bias missing"):
+        wanrt.load(root, device="cpu")
