@@ -58,7 +58,9 @@ def test_refusal_names_a_budget_that_fits():
 def smallest_plan(pipe, lat, steps):
     """Every phase at its own smallest plan: the most streaming, the smallest chunks and tiles."""
     phases = []
-    for name in ("text", "embed", "denoise", "decode"):
+    names = ("text", "clip", "encode", "embed", "denoise", "decode") if pipe.variant.task == "i2v" else \
+        ("text", "embed", "denoise", "decode")
+    for name in names:
         with pytest.raises(PlanError) as err:
             plan_phase(name, pipe.variant, lat, steps, 1, pipe.dtype, pipe.vae_dtype)
         phases.append(plan_phase(name, pipe.variant, lat, steps, err.value.needed, pipe.dtype, pipe.vae_dtype))
@@ -123,3 +125,18 @@ def test_an_out_of_memory_phase_is_replanned_once_and_gives_the_same_video(check
     monkeypatch.setattr(pipe.dit, "denoise", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="even after re-planning"):
         pipe.generate("a red circle", **kw)
+
+
+def test_image_to_video_with_the_smallest_plans_matches_the_unconstrained_one(checkpoints, monkeypatch):
+    from PIL import Image
+
+    path = checkpoints["i2v", "official"]
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    kw = dict(image=image, size="64*48", frame_num=5, sample_steps=2, base_seed=5, progress=False)
+    full, lean = wanrt.load(path, device="cpu"), wanrt.load(path, device="cpu")
+    lat = lean.latent_shape("64*48", 5, np.zeros((3, 48, 64)))
+    plan = smallest_plan(lean, lat, 2)
+    assert plan.phase("clip").blocks.streamed and plan.phase("denoise").blocks.streamed
+    monkeypatch.setattr(lean, "plan", lambda lat, steps, budget=None: plan)
+    a, b = full.generate("a cat", **kw).frames, lean.generate("a cat", **kw).frames
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
