@@ -238,7 +238,7 @@ def _block_bytes(model) -> int:
 
 
 def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
-    from .dit import WanDiT
+    from .dit import WanDiT, rope_tables
 
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
@@ -249,8 +249,11 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     time = (torch.empty(1, cfg.dim, device="meta"), torch.empty(1, 6, cfg.dim, device="meta"))
     latent = 4 * cfg.out_dim * lat[0] * lat[1] * lat[2]
     # both contexts, the schedule's time embeddings, and ~10 latent-sized fp32 tensors of the sampler and CFG
-    fixed = shell + 2 * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x])
     tokens = lat[0] * lat[1] * lat[2] // (cfg.patch_size[1] * cfg.patch_size[2])
+    grid = (lat[0] // cfg.patch_size[0], lat[1] // cfg.patch_size[1], lat[2] // cfg.patch_size[2])
+    rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
+    fixed = shell + 2 * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
+    rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
     acts = {c: trace_peak(model.denoise, x, time, ctx, None, c) for c in CHUNKS if c is None or c < tokens}
     return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(model)), acts)
 
