@@ -167,7 +167,7 @@ def bench_text(report: dict, runs: int) -> None:
 def bench_vae(report: dict, runs: int) -> None:
     from diffusers import AutoencoderKLWan
 
-    from wanrt.runtime.vae import WanVAE, vae_from_diffusers
+    from wanrt.runtime.vae import WanVAE, tile_overlap, vae_from_diffusers
 
     v = get_variant("t2v-1.3B")
     torch.manual_seed(0)
@@ -211,7 +211,7 @@ def bench_vae(report: dict, runs: int) -> None:
                 out[name] = {"refused": str(e)}
                 continue
             cap_memory(budget)
-            decode = lambda: vae.decode(z, tile=phase.tile, overlap=min(8, min(phase.tile or (16,)) // 2))
+            decode = lambda: vae.decode(z, tile=phase.tile, overlap=tile_overlap(phase.tile))
             out[name] = {**time_it(decode, runs=runs), **peaks(), "budget_gib": 1.0, "plan": phase.describe(),
                          "planned_peak_gib": round(phase.peak_bytes / GiB, 3)}
             out[name]["psnr_vs_untiled_fp32_db"] = round(psnr(decode().float().cpu(), untiled), 2)

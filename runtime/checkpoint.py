@@ -28,7 +28,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .clip import clip_from_hf, clip_from_official
 from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
+from .dit import dit_from_diffusers
+from .text import text_from_hf
+from .vae import vae_from_diffusers
 
 OFFICIAL_FILES = {
     "dit": "diffusion_pytorch_model.safetensors",
@@ -140,30 +144,22 @@ class Checkpoint:
         return path
 
     def dit_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
-        from .dit import dit_from_diffusers
-
         if self.layout == "official":
             state = load_sharded(self.root, "diffusion_pytorch_model", mmap)
             return {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
         return dit_from_diffusers(load_sharded(self._path("dit"), "diffusion_pytorch_model", mmap))
 
     def vae_state(self) -> dict[str, torch.Tensor]:
-        from .vae import vae_from_diffusers
-
         if self.layout == "official":
             return load_tensors(self._path("vae"))
         return vae_from_diffusers(load_sharded(self._path("vae"), "diffusion_pytorch_model"), self.variant.vae)
 
     def text_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
-        from .text import text_from_hf
-
         if self.layout == "official":
             return load_tensors(self._path("text"), mmap)
         return text_from_hf(load_sharded(self._path("text"), "model", mmap))
 
     def clip_state(self) -> dict[str, torch.Tensor]:
-        from .clip import clip_from_hf, clip_from_official
-
         if self.variant.clip is None:
             raise CheckpointError(f"{self.root} is a {self.task} checkpoint and has no CLIP image encoder")
         if self.layout == "official":

@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-SOLVERS = ("unipc", "euler")
+from .sampler import SOLVERS
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
           "kb": 10**3, "mb": 10**6, "gb": 10**9}
 

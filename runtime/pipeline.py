@@ -22,7 +22,7 @@ from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
 from .text import Tokenizer, UMT5Encoder, encode_text
-from .vae import WanVAE
+from .vae import WanVAE, tile_overlap
 from .video import to_uint8_frames, write_mp4
 
 FPS = 16
@@ -180,15 +180,21 @@ class WanPipeline:
             return (frame_num - 1) // st[0] + 1, h // st[1], w // st[2]
         return ((frame_num - 1) // st[0] + 1, *i2v_latent_size(image.shape[1:], w * h, st, v.dit.patch_size))
 
+    def _request(self, size: str | None, frame_num: int, sample_steps: int | None, image):
+        """Validated (size, steps, image tensor or None, latent shape) of a request, with the variant's defaults."""
+        v = self.variant
+        size = size or (v.sizes[0] if v.sizes else None)
+        if size is None:
+            raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
+        steps = v.sample_steps if sample_steps is None else sample_steps
+        check_request(self.ckpt, size, frame_num, steps, image)
+        img = load_image(image) if image is not None else None
+        return size, steps, img, self.latent_shape(size, frame_num, img)
+
     def describe_plan(self, size: str | None, frame_num: int, sample_steps: int | None, image=None) -> str:
         """The plan `generate` would follow, and where the blocks live in host memory."""
         v = self.variant
-        size = size or (v.sizes[0] if v.sizes else None)
-        steps = v.sample_steps if sample_steps is None else sample_steps
-        if size is None:
-            raise ValueError("pass --size (width*height): this checkpoint has no named variant with default sizes")
-        check_request(self.ckpt, size, frame_num, steps, image)
-        lat = self.latent_shape(size, frame_num, load_image(image) if image is not None else None)
+        size, steps, _, lat = self._request(size, frame_num, sample_steps, image)
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
@@ -201,16 +207,10 @@ class WanPipeline:
                  sample_solver: str = "unipc", base_seed: int = -1, neg_prompt: str = "",
                  progress: bool = True) -> Video:
         v = self.variant
-        size = size or (v.sizes[0] if v.sizes else None)
-        if size is None:
-            raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
-        steps = v.sample_steps if sample_steps is None else sample_steps
-        check_request(self.ckpt, size, frame_num, steps, image)
+        size, steps, img, lat = self._request(size, frame_num, sample_steps, image)
         shift = sample_shift if sample_shift is not None else default_shift(v.task, size)
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
-        img = load_image(image) if image is not None else None
-        lat = self.latent_shape(size, frame_num, img)
         plan = self.plan(lat, steps)  # before any GPU work: refuses here if the budget cannot fit
         self.phase_stats = {}
         run = functools.partial(self._run_phase, plan, lat, steps)
@@ -291,14 +291,13 @@ class WanPipeline:
 
     def _image_condition(self, phase: PhasePlan, img: torch.Tensor, frame_num: int, lat):
         """[1, 4 + z_dim, lat_f, lat_h, lat_w]: the first-frame mask and the VAE latents of (image, zeros...)."""
-        s = self.variant.vae.stride
-        h, w = lat[1] * s[1], lat[2] * s[2]
+        st = self.variant.vae.stride
+        h, w = lat[1] * st[1], lat[2] * st[2]
         first = torch.nn.functional.interpolate(img[None], size=(h, w), mode="bicubic")[0]
         clip = torch.cat([first[:, None], first.new_zeros(3, frame_num - 1, h, w)], dim=1)
-        st = self.variant.vae.stride
         tile = (phase.tile[0] * st[1], phase.tile[1] * st[2]) if phase.tile else None  # encode tiles in pixels
         with on_device([self.vae.encoder, self.vae.conv1], self.device, self.vae_dtype):
-            y = self.vae.encode(clip[None].to(self.device), tile=tile, overlap=_overlap(phase.tile) * st[1],
+            y = self.vae.encode(clip[None].to(self.device), tile=tile, overlap=tile_overlap(phase.tile) * st[1],
                                 compute_dtype=self.vae_dtype)
         mask = torch.zeros(1, 4, *lat, device=self.device)
         mask[:, :, 0] = 1  # the first latent frame stands for 4 given frames (the official repeat of frame 0)
@@ -328,13 +327,8 @@ class WanPipeline:
     def _decode(self, phase: PhasePlan, latents: torch.Tensor) -> torch.Tensor:
         """Tile by tile into one video on the GPU (in the VAE dtype), then to host RAM."""
         with on_device([self.vae.decoder, self.vae.conv2], self.device, self.vae_dtype):
-            video = self.vae.decode(latents, tile=phase.tile, overlap=_overlap(phase.tile))
+            video = self.vae.decode(latents, tile=phase.tile, overlap=tile_overlap(phase.tile))
         return video.cpu()
-
-
-def _overlap(tile: tuple[int, int] | None) -> int:
-    """Latents shared by neighbouring VAE tiles: 8 (64 px, diffusers' choice) or half the tile, if smaller."""
-    return min(8, min(tile) // 2) if tile else 8
 
 
 def _store(blocks: list[dict], model, dtype_of, ram: int):

@@ -25,7 +25,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from .clip import CLIPVision
 from .config import Variant
+from .dit import WanDiT, rope_tables
+from .stream import BlockLayout
+from .text import UMT5Encoder
+from .vae import WanVAE, tile_overlap, tile_spans
 
 GiB = 2**30
 MiB = 2**20
@@ -232,14 +237,10 @@ def _one_block_model(cls, cfg, dtype: torch.dtype):
 
 
 def _block_bytes(model) -> int:
-    from .stream import BlockLayout
-
     return BlockLayout.of_block(model.block_weights(0), lambda k, v: v.dtype).nbytes
 
 
 def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
-    from .dit import WanDiT, rope_tables
-
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
     shell = meta_bytes([*model.patch_embedding.parameters(), *model.head.parameters()])
@@ -260,8 +261,6 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
 
 def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
     """Context and time embeddings, once per generation, with the DiT's non-block weights."""
-    from .dit import WanDiT
-
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
     weights = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
@@ -277,8 +276,6 @@ def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> Phas
 
 def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
     """umT5: the token table stays in host RAM (only the prompt's rows are gathered); blocks stream."""
-    from .text import UMT5Encoder
-
     cfg = v.text
     model = _one_block_model(UMT5Encoder, cfg, dtype)
     ids = torch.empty(2, cfg.text_len, dtype=torch.long, device="meta")  # the prompt and the negative prompt
@@ -288,8 +285,6 @@ def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
 
 
 def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
-    from .clip import CLIPVision
-
     cfg = v.clip
     with torch.device("meta"):
         model = CLIPVision(dataclasses.replace(cfg, num_layers=1, use_layers=1)).to(dtype)
@@ -308,8 +303,6 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
     traced tiles of three latent frames give the activation bytes per latent pixel, which then price every tile
     size. Among the tiles that fit, the plan takes the one that recomputes the least overlap (the decode time
     follows the tiled area), then the larger."""
-    from .vae import WanVAE, tile_spans
-
     with torch.device("meta"):
         vae = WanVAE(v.vae).to(compute_dtype)
     part = vae.decoder if name == "decode" else vae.encoder
@@ -337,17 +330,17 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
         for tw in range(16, w + 1, 2):
             if (th, tw) != (h, w):
                 acts[(th, tw)] = int(a + per_px * (th * tw - small[0] * small[1]))
-    coverage = {t: _coverage(t, h, w, tile_spans) for t in acts}
+    coverage = {t: _coverage(t, h, w) for t in acts}
     candidates = sorted((PhasePlan(name, fixed, act, None, None, t) for t, act in acts.items()),
                         key=lambda c: (coverage[c.tile], -c.activation_bytes))
     return choose(candidates, budget)
 
 
-def _coverage(tile, h: int, w: int, tile_spans) -> float:
+def _coverage(tile, h: int, w: int) -> float:
     """Latent area decoded with this tiling over the frame's area (1.0 untiled; overlaps are decoded twice)."""
     if tile is None:
         return 1.0
-    overlap = min(8, min(tile) // 2)
+    overlap = tile_overlap(tile)
     rows = sum(b - a for a, b in tile_spans(h, tile[0], overlap))
     cols = sum(b - a for a, b in tile_spans(w, tile[1], overlap))
     return rows * cols / (h * w)

@@ -291,6 +291,12 @@ class Decoder3d(nn.Module):
         return self.head(x, cache)
 
 
+def tile_overlap(tile: tuple[int, int] | None) -> int:
+    """Latents shared by neighbouring decode tiles: 8 (64 px, diffusers' choice, no visible seams) or half the tile
+    when that is smaller (the blend ramps of a tile must not overlap)."""
+    return min(8, min(tile) // 2) if tile else 8
+
+
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """[start, stop) spans of at most `tile` cells covering [0, length) in order: stride tile - overlap, so
     neighbours share exactly `overlap` cells, and the last span is clipped to the frame (as diffusers does). One span
