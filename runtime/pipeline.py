@@ -138,8 +138,8 @@ class WanPipeline:
         # bf16 GEMMs on the GPU as the official code; fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.vram_budget = default_vram_budget(self.device) if vram_budget is None else vram_budget
-        # The VAE: bf16 on the GPU (about 2x faster, half the memory; 51 dB PSNR from fp32 at full size, see
-        # bench/results), fp32 elsewhere and whenever asked, as the official code runs it.
+        # The VAE: bf16 on the GPU (faster, half the memory; bench/results/stream_h100.md), fp32 elsewhere and
+        # whenever asked, as the official code runs it.
         self.vae_dtype = vae_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         v = ckpt.variant
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, v.text.text_len)

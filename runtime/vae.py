@@ -502,7 +502,7 @@ class WanVAE(nn.Module):
         Each tile decodes the whole clip, one latent frame at a time, with its own causal cache, and adds its
         weighted frames straight into the output, so peak memory is one tile's cache and activations.
         compute_dtype: dtype of the convolutions and activations, default the VAE's (fp32: official numerics);
-        torch.bfloat16 is about 2x faster on GPUs and halves activation memory.
+        torch.bfloat16 is faster on GPUs (bench/results/stream_h100.md) and halves activation memory.
         out: optional preallocated [B, 3, 4(T-1)+1, 8h, 8w] float tensor on any device (e.g. pinned CPU memory, to
         keep the video off the GPU); every element is overwritten. Default: a new one on the latents' device, in
         the VAE dtype. Blending is computed in fp32 (or out's dtype if wider)."""
