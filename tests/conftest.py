@@ -1,7 +1,14 @@
 """Shared fixtures: tiny random-weight checkpoints in both layouts, written once per test session."""
-import pytest
+import os
 
-from wanrt.export.random_checkpoint import convert_to_official, write_random_checkpoint
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run on the CPU through its interpreter, chosen before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from wanrt.export.random_checkpoint import convert_to_official, write_random_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
