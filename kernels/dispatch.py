@@ -3,11 +3,13 @@ else (CPUs, older GPUs, no Triton) takes the plain-PyTorch reference beside each
 launchers directly under TRITON_INTERPRET=1."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 AMPERE, ADA, HOPPER = (8, 0), (8, 9), (9, 0)
+_reference_only = False
 
 
 @functools.cache
@@ -25,6 +27,23 @@ def capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def use_triton(t: torch.Tensor, min_capability: tuple[int, int] = AMPERE) -> bool:
-    """True when t lives on a CUDA GPU of at least `min_capability` and Triton imports."""
+    """True when t lives on a CUDA GPU of at least `min_capability` and Triton imports (and no `reference_only`).
+    Meta tensors count as such a GPU: the planner traces the fused kernels' allocations (their outputs only; each
+    launcher returns before launching), not the temporaries of the references."""
+    if _reference_only or not has_triton():
+        return False
+    if t.is_meta:
+        return True
     cap = capability(t.device)
-    return cap is not None and cap >= min_capability and has_triton()
+    return cap is not None and cap >= min_capability
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run the plain-PyTorch references everywhere inside (benchmarks measure what the fused kernels save)."""
+    global _reference_only
+    saved, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = saved
