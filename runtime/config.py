@@ -24,6 +24,9 @@ class DiTConfig:
     eps: float = 1e-6
     image_dim: int = 1280  # CLIP feature width feeding img_emb (i2v only)
     image_tokens: int = 257
+    # How the blocks compute; an engine records both. They change speed and rounding, not the model.
+    quant: str = "bf16"  # scheme of the block linears: bf16, fp8, int8, w8a16 (quant/formats.py)
+    attention: str = "sdpa"  # attention kernel: sdpa or a quantized mode of kernels/attention.py
 
     def __post_init__(self):
         if self.model_type not in ("t2v", "i2v"):

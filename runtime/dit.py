@@ -17,9 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.attention import attention
+from ..kernels.norm_modulate import norm_modulate
+from ..kernels.qk_norm_rope import qk_norm_rope
+from ..quant.formats import SCHEME_INFO
+from ..quant.linear import quantized_linear
 from .config import DiTConfig
 
 Weights = dict[str, torch.Tensor]
+FFN_TOKENS = 4096  # tokens per feed-forward piece (GEMMs of 4096 rows still run at full rate on an H100)
 
 
 # ----------------------------------------------------------------------------------------------------------- rope
@@ -60,10 +66,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: tor
 
 
 # ------------------------------------------------------------------------------------------------------- the block
-def linear(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-    """x @ W.T + b in the weight's dtype."""
-    weight = w[f"{name}.weight"]
-    return F.linear(x.to(weight.dtype), weight, w.get(f"{name}.bias"))
+def linear(x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w: Weights, name: str, cfg: DiTConfig | None = None,
+           gelu: bool = False) -> torch.Tensor:
+    """x @ W.T + b (then tanh-GELU if asked) in the weight's dtype, or through the quantized GEMM when the block's
+    weights carry a `weight_scale` (cfg.quant names the scheme). x may come pre-quantized as (q, per-token scale)."""
+    weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+    weight_scale = w.get(f"{name}.weight_scale")
+    if weight_scale is not None:
+        x, x_scale = x if isinstance(x, tuple) else (x, None)
+        return quantized_linear(x, weight, weight_scale, bias, cfg.quant, gelu, x_scale)
+    y = F.linear(x.to(weight.dtype), weight, bias)
+    return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y  # in place: the FFN hidden state once
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,13 +90,6 @@ def layer_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None,
     return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention, [B, L, H, D] in and [B, L, H*D] out, in v's dtype."""
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return y.transpose(1, 2).flatten(2)
-
-
 def spans(length: int, chunk: int | None) -> list[slice]:
     """Token ranges of at most `chunk` tokens (one range when chunk is None)."""
     chunk = chunk or length
@@ -94,18 +100,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return layer_norm(x, eps) * (1 + scale) + shift
 
 
-def qk(h: torch.Tensor, w: Weights, attn: str, proj: str, rope: tuple[torch.Tensor, torch.Tensor] | None,
-       cfg: DiTConfig) -> torch.Tensor:
+def qk(h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w: Weights, attn: str, proj: str,
+       rope: tuple[torch.Tensor, torch.Tensor] | None, cfg: DiTConfig) -> torch.Tensor:
     """Query or key: projection, RMSNorm over the whole width in fp32, RoPE if given; [B, L, H, D] in the weight
-    dtype."""
+    dtype (one fused pass after the GEMM on GPUs)."""
     name = f"{attn}.{proj}"
-    y = heads(rms_norm(linear(h, w, name), w[f"{attn}.norm_{proj}.weight"], cfg.eps), cfg)
-    dtype = w[f"{name}.weight"].dtype
-    return apply_rope(y, *rope, dtype) if rope is not None else y.to(dtype)
+    cos, sin = rope if rope is not None else (None, None)
+    return qk_norm_rope(linear(h, w, name, cfg), w[f"{attn}.norm_{proj}.weight"], cfg.eps, cfg.num_heads, cos, sin,
+                        out_dtype=compute_dtype(w))
 
 
 def heads(y: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
     return y.unflatten(-1, (cfg.num_heads, cfg.head_dim))
+
+
+def compute_dtype(w: Weights) -> torch.dtype:
+    """The dtype of activations between ops: the block's bias dtype (bf16 on GPUs, also for quantized weights)."""
+    return w["self_attn.v.bias"].dtype
 
 
 def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -114,49 +125,61 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
 
     x [B, L, dim] fp32; e0 [B, 6, dim] fp32 time projection; context [B, Lc, dim] embedded text (I2V: image tokens
     first); rope: cos, sin [L, head_dim/2] fp32; w: this block's weights (official names without `blocks.N.`).
-    `chunk` bounds the tokens processed at once: every op but attention is token-local, so the only full-length
-    tensors are x and the self-attention keys and values. Queries are computed per chunk and attend to all keys,
-    which gives the same result as one chunk.
+    `chunk` bounds the tokens processed at once. Self-attention keys and values of every token come first; then
+    everything else is token-local, so each chunk of queries runs the rest of the block (self-attention, cross-attention,
+    feed-forward) before the next chunk: the only full-length tensors are x, k and v, and the result equals one chunk.
+    Each residual update is fused with the norm that reads the updated x (`norm_modulate(..., residual=, gate=)`).
     """
     assert x.dtype == torch.float32 and e0.dtype == torch.float32
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (w["modulation"].float() + e0).chunk(6, dim=1)
     cos, sin = rope
+    dtype = compute_dtype(w)
+    act = SCHEME_INFO[cfg.quant].activation_dtype or dtype  # what the norms hand the GEMMs (fp8/int8: quantized)
+    eps = cfg.eps
     parts = spans(x.shape[1], chunk)
 
-    # Self-attention: keys and values of every token first, then the queries chunk by chunk.
-    dtype = w["self_attn.v.weight"].dtype
     k = x.new_empty(*x.shape[:2], cfg.num_heads, cfg.head_dim, dtype=dtype)
     v = torch.empty_like(k)
     for s in parts:
-        h = modulate(x[:, s], shift_sa, scale_sa, cfg.eps).to(dtype)  # the GEMMs' input dtype, once
+        h = norm_modulate(x[:, s], eps, shift_sa, scale_sa, out_dtype=act)
         k[:, s] = qk(h, w, "self_attn", "k", (cos[s], sin[s]), cfg)
-        v[:, s] = heads(linear(h, w, "self_attn.v"), cfg)
-    for s in parts:
-        q = qk(modulate(x[:, s], shift_sa, scale_sa, cfg.eps).to(dtype), w, "self_attn", "q", (cos[s], sin[s]), cfg)
-        x[:, s] += linear(attention(q, k, v), w, "self_attn.o").float() * gate_sa
-    del k, v
+        v[:, s] = heads(linear(h, w, "self_attn.v", cfg), cfg)
+        del h
 
-    # Cross-attention (no modulation, no gate); the context keys and values are computed once per block.
+    # Cross-attention keys and values of the context, once per block (no modulation, no gate there).
     text = context[:, -cfg.text_len:]
-    k, v = qk(text, w, "cross_attn", "k", None, cfg), heads(linear(text, w, "cross_attn.v"), cfg)
+    ck, cv = qk(text, w, "cross_attn", "k", None, cfg), heads(linear(text, w, "cross_attn.v", cfg), cfg)
     if cfg.model_type == "i2v":
         image = context[:, :-cfg.text_len]
-        k_img = qk(image, w, "cross_attn", "k_img", None, cfg)
-        v_img = heads(linear(image, w, "cross_attn.v_img"), cfg)
-    for s in parts:
-        h = layer_norm(x[:, s], cfg.eps, w["norm3.weight"].float(), w["norm3.bias"].float())
-        q = qk(h, w, "cross_attn", "q", None, cfg)
-        y = attention(q, k, v)
-        if cfg.model_type == "i2v":
-            y = y + attention(q, k_img, v_img)
-        x[:, s] += linear(y, w, "cross_attn.o").float()
+        ck_img = qk(image, w, "cross_attn", "k_img", None, cfg)
+        cv_img = heads(linear(image, w, "cross_attn.v_img", cfg), cfg)
+    norm3 = w["norm3.weight"].float(), w["norm3.bias"].float()
 
-    # Feed-forward, chunk by chunk: its [L, ffn_dim] hidden state is the largest activation of the block.
     for s in parts:
-        h = modulate(x[:, s], shift_ff, scale_ff, cfg.eps)
-        hidden = torch.ops.aten.gelu_(linear(h, w, "ffn.0"), approximate="tanh")  # in place: [c, ffn_dim] once
-        x[:, s] += linear(hidden, w, "ffn.2").float() * gate_ff
+        h = norm_modulate(x[:, s], eps, shift_sa, scale_sa, out_dtype=act)
+        y = attention(qk(h, w, "self_attn", "q", (cos[s], sin[s]), cfg), k, v, cfg.attention)
+        y = linear(y, w, "self_attn.o", cfg)
+        h = norm_modulate(x[:, s], eps, weight=norm3[0], bias=norm3[1], residual=y, gate=gate_sa, out_dtype=act)
+        q = qk(h, w, "cross_attn", "q", None, cfg)
+        y = attention(q, ck, cv)  # 512 (+257) keys: SDPA
+        if cfg.model_type == "i2v":
+            y = y + attention(q, ck_img, cv_img)
+        y = linear(y, w, "cross_attn.o", cfg)
+        h = norm_modulate(x[:, s], eps, shift_ff, scale_ff, residual=y, out_dtype=act)
+        del y, q
+        # Feed-forward in pieces of FFN_TOKENS: its [tokens, ffn_dim] hidden state is the block's largest activation,
+        # and splitting it costs almost nothing, so larger chunks fit the same budget.
+        xs = x[:, s]
+        for f in spans(xs.shape[1], FFN_TOKENS):
+            hidden = linear(token_slice(h, f), w, "ffn.0", cfg, gelu=True)
+            xs[:, f].addcmul_(linear(hidden, w, "ffn.2", cfg), gate_ff)
+            del hidden
     return x
+
+
+def token_slice(h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], f: slice):
+    """Tokens f of an activation, or of a quantized one with its per-token scales."""
+    return (h[0][:, f], h[1][:, f]) if isinstance(h, tuple) else h[:, f]
 
 
 # ---------------------------------------------------------------------------------------------- embeddings & head
@@ -277,7 +300,8 @@ class WanDiT(nn.Module):
         pe = self.patch_embedding
         tokens = F.conv3d(x.to(pe.weight.dtype), pe.weight, pe.bias, stride=cfg.patch_size)
         # [B, L, dim], the fp32 residual stream, token-major so every chunk x[:, s] is one contiguous block
-        x = tokens.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        x = tokens.new_empty(tokens.shape[0], tokens[0, 0].numel(), cfg.dim, dtype=torch.float32)
+        x.copy_(tokens.flatten(2).transpose(1, 2))
         del tokens
         rope = rope_tables(cfg.head_dim, grid, x.device)
         for i in range(cfg.num_layers):
