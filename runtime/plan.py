@@ -91,7 +91,7 @@ class _PeakTracker(TorchDispatchMode):
 class _FusedKernels(TorchFunctionMode):
     """On the meta device some ops decompose into steps with temporaries the GPU's fused kernels never make: SDPA
     would materialise [L, L] scores (the GPU keeps its output and a per-row log-sum-exp), RMSNorm an fp32 copy of its
-    input. Model the GPU kernels: their outputs only."""
+    input. Model the GPU kernels: their outputs only, plus the convolutions' workspace."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
@@ -106,6 +106,14 @@ class _FusedKernels(TorchFunctionMode):
             return out
         if func is F.rms_norm:
             return torch.empty_like(args[0])
+        if func in (F.conv2d, F.conv3d):
+            # cuDNN's workspace, taken from the caching allocator while input and output are live: up to about
+            # one input's size for the VAE's 3x3x3 convs (a tiled decode planned without it ran out of memory at
+            # 1 GiB on an H100, 50 MiB short).
+            out = func(*args, **(kwargs or {}))
+            workspace = torch.empty_like(args[0])
+            del workspace
+            return out
         return func(*args, **(kwargs or {}))
 
 
