@@ -171,7 +171,8 @@ def markdown(report: dict) -> str:
     g = report["machine"]
     lines = [f"# DiT compute: {g['gpu']} (torch {g['torch']}, triton {g['triton']})", "",
              "t2v-1.3B, 480p x 81 frames (32,760 tokens), all blocks resident, random weights, CUDA-event medians. "
-             "Errors are relative (norm) against bf16 with the fused kernels. Reproduce: "
+             "Errors are relative (norm) against bf16 with the fused kernels. Max allocated includes the bf16 "
+             "blocks every row keeps for comparison (quantized rows hold both). Reproduce: "
              "`python -m wanrt.bench.dit_bench`.", "",
              "| variant | forward (ms) | vs bf16 fused | max allocated (GiB) | velocity rel. err | latents after 4 "
              "steps rel. err |", "|---|---|---|---|---|---|"]
