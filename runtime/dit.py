@@ -25,7 +25,7 @@ from ..quant.linear import quantized_linear
 from .config import DiTConfig
 
 Weights = dict[str, torch.Tensor]
-FFN_TOKENS = 4096  # tokens per feed-forward piece (GEMMs of 4096 rows still run at full rate on an H100)
+FFN_TOKENS = 4096  # tokens per feed-forward piece: GEMMs of 4096 rows ran within ~5% of full size (H100 profile)
 
 
 # ----------------------------------------------------------------------------------------------------------- rope
