@@ -15,7 +15,9 @@ activations in bf16 (weights cast on the fly if stored in fp32); RMS norm statis
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -285,7 +287,15 @@ class Decoder3d(nn.Module):
         self.head = Head(dims[-1], 3)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = self.middle(self.conv1(x, cache), cache)
+        return self.high(self.low(x, cache), cache)
+
+    def low(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """conv1 and the middle block at latent resolution; its attention spans the whole frame it is given."""
+        return self.middle(self.conv1(x, cache), cache)
+
+    def high(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """The upsampling stages and the head: only 3x3(x3) convolutions, so a tile's result differs from the whole
+        frame's only near the tile's edges."""
         for layer in self.upsamples:
             x = layer(x, cache)
         return self.head(x, cache)
@@ -379,6 +389,38 @@ def _blend(dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int,
     torch.mul(x[..., top:, left:], w[top:, left:], out=dst[..., top:, left:])
     dst[..., :top, :].addcmul_(x[..., :top, :], w[:top])
     dst[..., top:, :left].addcmul_(x[..., top:, :left], w[top:, :left])
+
+
+class _HostBlender:
+    """Blends GPU frames into a video in host RAM on one worker thread (FIFO, so overlapping tiles still add in
+    order): each call only queues a copy into pinned memory, and the GPU goes on while the CPU blends."""
+
+    def __init__(self, depth: int = 4):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="wanrt-blend")
+        self.pending: deque[Future] = deque()
+        self.depth = depth  # steps in flight: bounds the pinned staging memory
+
+    def __call__(self, dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int, left: int) -> None:
+        staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        staged.copy_(x, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self.pending.append(self.pool.submit(self._blend, copied, dst, staged, w, top, left))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    @staticmethod
+    def _blend(copied: torch.cuda.Event, dst, staged, w, top, left) -> None:
+        copied.synchronize()
+        _blend(dst, staged, w, top, left)
+
+    def close(self) -> None:
+        """Wait for every queued blend (re-raising its error) and stop the worker."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown()
 
 
 class WanVAE(nn.Module):
@@ -484,12 +526,33 @@ class WanVAE(nn.Module):
         hidden = torch.cat([self.encode_step(_to_compute(c, dtype), cache) for c in chunks], 2)
         return self.conv1(hidden)[:, :self.cfg.z_dim]  # the other half is log_var, unused at inference
 
+    def decoded_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+        """[B, z_dim, T, h, w] latents -> the [B, 3, 4(T-1)+1, 8h, 8w] video they decode to."""
+        b, _, t, h, w = latent_shape
+        st, sh, sw = self.cfg.stride
+        return (b, 3, 1 + st * (t - 1), h * sh, w * sw)
+
     def decode_step(self, z_t: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         """One un-normalised latent frame [B, z_dim, 1, h, w] -> video [B, 3, T, 8h, 8w], unclamped, with T = 1 for
         the clip's first latent frame and 4 after; advances `cache`. Runs in z_t's dtype."""
         x = self.decoder(self.conv2(z_t), cache)
         cache.advance()
         return x
+
+    def _middle_of_clip(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The decoder's low part (conv1 and the middle block, whose attention sees the whole frame) over the whole
+        frame, one latent frame at a time: [B, C, T, h, w] in `dtype`, kept in host RAM (pinned next to a GPU) so the
+        tiles' upsampling stages start from the same whole-frame values. Small: C = 384 at latent resolution."""
+        cache = CausalCache()
+        mids = None
+        for i in range(z.shape[2]):
+            m = self.decoder.low(self.conv2(_to_compute(z[:, :, i:i + 1], dtype)), cache)
+            cache.advance()
+            if mids is None:
+                mids = torch.empty((m.shape[0], m.shape[1], z.shape[2], *m.shape[3:]), dtype=m.dtype,
+                                   pin_memory=m.is_cuda)
+            mids[:, :, i:i + 1].copy_(m)
+        return mids
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: tuple[int, int] | None = None, overlap: int = 8,
@@ -499,8 +562,11 @@ class WanVAE(nn.Module):
         tile: (height, width) of the spatial tiles in LATENTS, None for the whole frame at once (one tile);
         overlap: latents shared by neighbouring tiles (at most min(tile) / 2), blended linearly over 8 * overlap
         pixels. The default 8 (64 px) is diffusers' (32-latent tiles at stride 24), where seams are not visible.
-        Each tile decodes the whole clip, one latent frame at a time, with its own causal cache, and adds its
-        weighted frames straight into the output, so peak memory is one tile's cache and activations.
+        With several tiles, conv1 and the middle block (whose attention spans the frame) first run once on the whole
+        frame (`_middle_of_clip`, kept in host RAM); then each tile runs the upsampling stages through the whole
+        clip, one latent frame at a time, with its own causal cache, and adds its weighted frames straight into the
+        output, so peak memory is one tile's cache and activations. An output in host RAM (`out` on the CPU) is
+        blended on a worker thread while the GPU decodes on.
         compute_dtype: dtype of the convolutions and activations, default the VAE's (fp32: official numerics);
         torch.bfloat16 is faster on GPUs (bench/results/stream_h100.md) and halves activation memory.
         out: optional preallocated [B, 3, 4(T-1)+1, 8h, 8w] float tensor on any device (e.g. pinned CPU memory, to
@@ -510,7 +576,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents must be [B, {self.cfg.z_dim}, T, h, w], got {tuple(latents.shape)}")
         b, _, t, h, w = latents.shape
         st, sh, sw = self.cfg.stride
-        shape = (b, 3, 1 + st * (t - 1), h * sh, w * sw)
+        shape = self.decoded_shape(latents.shape)
         dtype = self.conv2.weight.dtype
         if out is None:
             out = latents.new_empty(shape, dtype=dtype)
@@ -520,21 +586,37 @@ class WanVAE(nn.Module):
         rows, cols = self._tiling(tile, overlap, (h, w), 1)
         mean, inv_std = self._latent_stats(latents.float())
         z = (latents.float() / inv_std + mean).to(dtype)  # un-normalised in fp32, then rounded once
-        for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
-            self._decode_tile(z[:, :, :, r0:r1, c0:c1], out[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], wgt, top,
-                              left, cd)
-            _release_cached_blocks(z)
+        # Several tiles: the middle block's attention is global within a frame, so it runs once on the whole
+        # frame and only the local upsampling stages are tiled (seams then come only from their zero padding).
+        mids = self._middle_of_clip(z, cd) if len(rows) * len(cols) > 1 else None
+        # GPU frames into a host-RAM video: blended on a worker thread while the GPU decodes on
+        blend = _HostBlender() if latents.is_cuda and out.device.type == "cpu" else _blend
+        try:
+            for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
+                src = z if mids is None else mids
+                self._decode_tile(src[:, :, :, r0:r1, c0:c1], out[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], wgt,
+                                  top, left, cd, latents.device, blend, from_middle=mids is not None)
+                _release_cached_blocks(z)
+        finally:
+            if isinstance(blend, _HostBlender):
+                blend.close()
         return out
 
     def _decode_tile(self, z: torch.Tensor, dst: torch.Tensor, w: torch.Tensor | None, top: int, left: int,
-                     dtype: torch.dtype) -> None:
-        """Decode one spatial tile of un-normalised latents through the whole clip with its own cache (freed on
-        return), blending each latent frame's output frames into dst (the output at this tile) as they come."""
+                     dtype: torch.dtype, device: torch.device, blend=_blend, from_middle: bool = False) -> None:
+        """Decode one spatial tile through the whole clip with its own cache (freed on return), blending each latent
+        frame's output frames into dst (the output at this tile) as they come. z: un-normalised latents, or with
+        `from_middle` the whole-frame middle block's output at this tile (`_middle_of_clip`, in host RAM)."""
         cache = CausalCache()
         start = 0
         for i in range(z.shape[2]):
-            frames = self.decode_step(_to_compute(z[:, :, i:i + 1], dtype), cache).clamp_(-1.0, 1.0)
-            _blend(dst[:, :, start:start + frames.shape[2]], frames, w, top, left)
+            x = _to_compute(z[:, :, i:i + 1].to(device, non_blocking=True), dtype)
+            if from_middle:
+                frames = self.decoder.high(x, cache)
+                cache.advance()
+            else:
+                frames = self.decode_step(x, cache)
+            blend(dst[:, :, start:start + frames.shape[2]], frames.clamp_(-1.0, 1.0), w, top, left)
             start += frames.shape[2]
         assert start == dst.shape[2]
 

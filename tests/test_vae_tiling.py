@@ -183,3 +183,27 @@ def test_tiling_validation(vae, latents, video):
         vae.decode(latents, compute_dtype=torch.int8)
     with pytest.raises(ValueError, match="out must be"):
         vae.decode(latents, out=torch.empty(1, 3, 9, 80, 111))
+
+
+def test_tiled_decode_runs_the_middle_block_once_on_the_whole_frame(vae, latents):
+    """The middle block's attention spans the frame, so a tiled decode computes it once per latent frame on the
+    whole frame (exactly as the untiled decode does) and tiles only the upsampling stages."""
+    seen = []
+    hook = vae.decoder.middle.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    try:
+        vae.decode(latents)
+        untiled, seen[:] = list(seen), []
+        vae.decode(latents, tile=(6, 8), overlap=2)
+    finally:
+        hook.remove()
+    assert len(seen) == len(untiled) == latents.shape[2]  # once per latent frame, not once per tile and frame
+    for got, want in zip(seen, untiled):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_tiled_decode_into_host_memory_matches_the_default_output(vae, latents):
+    """`out` (the pipeline passes a pinned host buffer when tiling) receives exactly what decode returns otherwise."""
+    want = vae.decode(latents, tile=(6, 8), overlap=2)
+    out = torch.full_like(want, float("nan"))
+    got = vae.decode(latents, tile=(6, 8), overlap=2, out=out)
+    assert got is out and torch.equal(got, want)
