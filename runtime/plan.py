@@ -304,8 +304,9 @@ def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
 
 def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
               compute_dtype: torch.dtype = torch.float32) -> PhasePlan:
-    """Tiled VAE decode (or encode, for I2V), weights and activations in `compute_dtype`. The decoded video is
-    assembled on the GPU in that dtype (counted as fixed); encode reads its fp32 input video from the GPU.
+    """Tiled VAE decode (or encode, for I2V), weights and activations in `compute_dtype`. An untiled decode
+    assembles the video on the GPU in that dtype (counted); a tiled one blends it into host RAM (the pipeline's
+    `_decode`). Encode reads its fp32 input video from the GPU.
 
     Every tile runs the same code and the causal caches reach their steady size by the third latent frame, so two
     traced tiles of three latent frames give the activation bytes per latent pixel, which then price every tile
@@ -318,7 +319,9 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
     fixed = meta_bytes([*part.parameters(), *(vae.conv2 if name == "decode" else vae.conv1).parameters()])
     st = v.vae.stride
     frames = (lat[0] - 1) * st[0] + 1
-    fixed += 3 * frames * lat[1] * st[1] * lat[2] * st[2] * (size if name == "decode" else 4)
+    video = 3 * frames * lat[1] * st[1] * lat[2] * st[2] * (size if name == "decode" else 4)
+    if name == "encode":
+        fixed += video
 
     def traced(th: int, tw: int) -> int:
         f = min(lat[0], 3)
@@ -339,7 +342,8 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
             if (th, tw) != (h, w):
                 acts[(th, tw)] = int(a + per_px * (th * tw - small[0] * small[1]))
     coverage = {t: _coverage(t, h, w) for t in acts}
-    candidates = sorted((PhasePlan(name, fixed, act, None, None, t) for t, act in acts.items()),
+    on_gpu = {t: video if name == "decode" and t is None else 0 for t in acts}
+    candidates = sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),
                         key=lambda c: (coverage[c.tile], -c.activation_bytes))
     return choose(candidates, budget)
 
