@@ -34,7 +34,7 @@ SHAPES = [  # (M, K, N): 1.3B ffn.0, ffn.2, attention; 14B ffn.0, ffn.2, attenti
     (32760, 1536, 8960), (32760, 8960, 1536), (32760, 1536, 1536),
     (32760, 5120, 13824), (32760, 13824, 5120), (32760, 5120, 5120),
 ]
-PEERS = ("bf16", "scaled_mm", "fp8", "int8", "w8a16", "bnb", "quanto", "torchao")
+PEERS = ("bf16", "producer", "scaled_mm", "fp8", "int8", "w8a16", "bnb", "quanto", "torchao")
 
 
 # Hopper candidates: 8-bit operands (fp8, int8) and w8a16 (bf16 A: half the K per byte of shared memory).
@@ -171,6 +171,31 @@ def ours(s: Shape, mode: str, sweep: bool, winners: dict) -> None:
     if s.N in (8960, 13824):  # the FFN's first linear: GELU in the epilogue, against bf16 F.linear + GELU
         s.run(f"ours {mode} GEMM{' + activation quant' if act is not None else ''} + GELU",
               lambda: lambda: linear(True), cfg_name(cfg), F.gelu(s.ref.float(), approximate="tanh"))
+
+
+def producer(s: Shape) -> None:
+    """In the DiT the activation quantization is fused into the norm that produces the GEMM input (q/k/v, the
+    cross-attention query and the FFN's first linear read it). So the in-model cost of a linear is norm + GEMM:
+    bf16 (norm -> bf16, cuBLAS) against fp8 (norm -> fp8 with per-token scales, our GEMM)."""
+    from wanrt.kernels.norm_modulate import norm_modulate_triton
+
+    x = torch.randn(1, s.M, s.K, device="cuda")  # the fp32 residual stream
+    shift, scale = (torch.randn(1, 1, s.K, device="cuda") * 0.1 for _ in range(2))
+    h = norm_modulate_triton(x, 1e-6, shift, scale)[0]
+    ref = F.linear(h, s.w, s.bias)
+    wq, ws = quantize_weight(s.w, torch.float8_e4m3fn)
+    cfg = pick_config("fp8", s.M, s.N, s.K, capability(s.x.device))
+    s.run("norm -> bf16 alone", lambda: lambda: norm_modulate_triton(x, 1e-6, shift, scale), compare=False)
+    s.run("norm -> fp8 alone", lambda: lambda: norm_modulate_triton(x, 1e-6, shift, scale,
+                                                                     out_dtype=torch.float8_e4m3fn)[0], compare=False)
+    s.run("norm -> bf16, then bf16 F.linear (cuBLAS)",
+          lambda: lambda: F.linear(norm_modulate_triton(x, 1e-6, shift, scale)[0], s.w, s.bias), ref=ref)
+
+    def fp8() -> torch.Tensor:
+        q, qs = norm_modulate_triton(x, 1e-6, shift, scale, out_dtype=torch.float8_e4m3fn)
+        return scaled_mm_triton(q[0], wq, qs[0], ws, s.bias, config=cfg)
+
+    s.run("norm -> fp8 (quantization fused), then ours fp8 GEMM", lambda: fp8, note=cfg_name(cfg), ref=ref)
 
 
 def torch_scaled_mm(s: Shape) -> None:
@@ -329,6 +354,8 @@ def main() -> None:
                         s.run("bf16 F.linear (cuBLAS)", lambda: lambda: F.linear(s.x, s.w, s.bias))
                     elif peer == "scaled_mm":
                         torch_scaled_mm(s)
+                    elif peer == "producer":
+                        producer(s)
                     elif peer in ("fp8", "int8", "w8a16"):
                         ours(s, peer, not args.no_sweep, winners)
                     else:
