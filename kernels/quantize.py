@@ -16,9 +16,8 @@ at export time, and has only the PyTorch form.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .dispatch import ADA, AMPERE, use_triton
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}

@@ -31,9 +31,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .dispatch import ADA, AMPERE, HOPPER, capability, has_triton, use_triton
 
 MODES = ("fp8", "int8", "w8a16")
