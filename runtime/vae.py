@@ -260,9 +260,17 @@ class Encoder3d(nn.Module):
         self.head = Head(dims[-1], 2 * cfg.z_dim)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return self.high(self.low(x, cache), cache)
+
+    def low(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """conv1 and the downsampling stages: only 3x3(x3) convolutions, local like the decoder's `high`."""
         x = self.conv1(x, cache)
         for layer in self.downsamples:
             x = layer(x, cache)
+        return x
+
+    def high(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """The middle block (attention over the whole frame it is given) and the head, at latent resolution."""
         return self.head(self.middle(x, cache), cache)
 
 
@@ -508,23 +516,50 @@ class WanVAE(nn.Module):
             raise ValueError(f"video frames must be {st}n+1 and H, W multiples of {sh}; got F={f}, H={h}, W={w}")
         cd = self._compute_dtype(compute_dtype, self.conv1)
         rows, cols = self._tiling(tile, overlap, (h // sh, w // sw), sh)
-        out = video.new_empty(b, self.cfg.z_dim, (f - 1) // st + 1, h // sh, w // sw, dtype=self.conv1.weight.dtype)
-        for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (1, 1), out.device):
-            mu = self._encode_tile(video[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], cd)
-            _blend(out[:, :, :, r0:r1, c0:c1], mu, wgt, top, left)
-            _release_cached_blocks(mu)
+        shape = (b, self.cfg.z_dim, (f - 1) // st + 1, h // sh, w // sw)
+        if len(rows) * len(cols) == 1:
+            out = self._encode_tile(video, cd).to(self.conv1.weight.dtype)
+        else:
+            # Several tiles: only the local downsampling stages are tiled; their features are blended over the
+            # whole frame (in host RAM), where the middle block's frame-wide attention and the head then run once.
+            feats = None
+            for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (1, 1), torch.device("cpu")):
+                x = self._encode_tile(video[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], cd, high=False)
+                if feats is None:
+                    feats = torch.empty((*x.shape[:3], *shape[3:]), dtype=torch.float32)
+                _blend(feats[:, :, :, r0:r1, c0:c1], x, wgt, top, left)
+                del x
+                _release_cached_blocks(video)
+            out = self._encode_high(feats, cd, video.device).to(self.conv1.weight.dtype)
         if not normalize:
             return out
         mean, inv_std = self._latent_stats(out)
         return out.sub_(mean).mul_(inv_std)
 
-    def _encode_tile(self, video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """mu [B, z_dim, T', h, w] of one spatial tile, through the whole clip with its own cache (freed on return)."""
+    def _encode_tile(self, video: torch.Tensor, dtype: torch.dtype, high: bool = True) -> torch.Tensor:
+        """mu [B, z_dim, T', h, w] of one spatial tile, through the whole clip with its own cache (freed on return);
+        with high=False, the downsampled features [B, C, T', h, w] before the middle block instead."""
         st = self.cfg.stride[0]
         cache = CausalCache()
         chunks = [video[:, :, :1]] + [video[:, :, i:i + st] for i in range(1, video.shape[2], st)]
+        if not high:
+            feats = []
+            for c in chunks:
+                feats.append(self.encoder.low(_to_compute(c, dtype), cache))
+                cache.advance()
+            return torch.cat(feats, 2)
         hidden = torch.cat([self.encode_step(_to_compute(c, dtype), cache) for c in chunks], 2)
         return self.conv1(hidden)[:, :self.cfg.z_dim]  # the other half is log_var, unused at inference
+
+    def _encode_high(self, feats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """mu [B, z_dim, T', h, w] from whole-frame features [B, C, T', h, w]: the middle block and the head, one
+        latent frame at a time with their own cache."""
+        cache = CausalCache()
+        hidden = []
+        for i in range(feats.shape[2]):
+            hidden.append(self.encoder.high(_to_compute(feats[:, :, i:i + 1].to(device), dtype), cache))
+            cache.advance()
+        return self.conv1(torch.cat(hidden, 2))[:, :self.cfg.z_dim]
 
     def decoded_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
         """[B, z_dim, T, h, w] latents -> the [B, 3, 4(T-1)+1, 8h, 8w] video they decode to."""

@@ -134,7 +134,8 @@ def test_encode_one_tile_is_untiled(vae, video):
                        vae.encode(video, normalize=False))
 
 
-@pytest.mark.parametrize("tile, overlap, floor_db", [((48, 48), 16, 20.0), ((64, 64), 32, 23.0)])
+# Floors measured with the middle block on the whole frame (25.5 and 30.9 dB; tiling it too gave 22.8 and 26.9).
+@pytest.mark.parametrize("tile, overlap, floor_db", [((48, 48), 16, 24.0), ((64, 64), 32, 29.0)])
 def test_encode_tiled(vae, video, tile, overlap, floor_db):
     untiled = vae.encode(video)
     got = vae.encode(video, tile=tile, overlap=overlap)
@@ -207,3 +208,14 @@ def test_tiled_decode_into_host_memory_matches_the_default_output(vae, latents):
     out = torch.full_like(want, float("nan"))
     got = vae.decode(latents, tile=(6, 8), overlap=2, out=out)
     assert got is out and torch.equal(got, want)
+
+
+def test_tiled_encode_runs_the_middle_block_once_on_the_whole_frame(vae, video):
+    """As in decode: only the local downsampling stages are tiled; the middle block sees whole frames."""
+    shapes = []
+    hook = vae.encoder.middle.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        latents = vae.encode(video, tile=(48, 48), overlap=16)
+    finally:
+        hook.remove()
+    assert shapes == [(1, shapes[0][1], 1, *latents.shape[3:])] * latents.shape[2]
