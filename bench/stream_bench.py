@@ -216,9 +216,8 @@ def bench_vae(report: dict, runs: int) -> None:
                 out[name] = {"refused": str(e)}
                 continue
             cap_memory(budget)
-            # as the pipeline: a tiled decode blends into pinned host RAM, an untiled one decodes on the GPU
-            host = None if phase.tile is None else torch.empty(vae.decoded_shape(z.shape), dtype=dtype,
-                                                               pin_memory=True)
+            # as the pipeline: a tiled decode blends into host RAM, an untiled one decodes on the GPU
+            host = None if phase.tile is None else torch.empty(vae.decoded_shape(z.shape), dtype=dtype)
             decode = lambda: vae.decode(z, tile=phase.tile, overlap=tile_overlap(phase.tile), out=host)
             out[name] = {**time_it(decode, runs=runs), **peaks(), "budget_gib": 1.0, "plan": phase.describe(),
                          "planned_peak_gib": round(phase.peak_bytes / GiB, 3)}

@@ -555,8 +555,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
 
     mode: 'sdpa' (PyTorch SDPA), 'fp8' (fp8 QK and P·V, sm_89+), 'fp8_bf16pv' (fp8 QK, 16-bit P·V, sm_89+), 'int8'
     (int8 QK, 16-bit P·V, sm_80+), 'int8_fp8pv' (int8 QK, fp8 P·V, sm_89+). Tensors off CUDA take the SDPA reference
-    whatever the mode; on a GPU below the mode's capability this raises ValueError naming both (the runtime turns it
-    into a fallback message). config: kernel tiles (default: the CONFIGS entry for this GPU)."""
+    whatever the mode; on a GPU below the mode's capability this raises ValueError naming both (callers
+    check with `check_mode` first). config: kernel tiles (default: the CONFIGS entry for this GPU)."""
     check_mode(mode, None)
     if q.is_meta and mode != "sdpa":  # the planner's trace: 8-bit copies of q, k, v, then the output
         copies = [t.new_empty(t.shape, dtype=torch.uint8) for t in (q, k, v)]

@@ -41,7 +41,8 @@ SMALL_M = 1024  # at or below this many rows (the 512-token text context) the ta
 
 
 class UnsupportedGemmError(RuntimeError):
-    """The GPU lacks what a mode needs (fp8 tensor cores need sm_89+); quant/ turns this into a scheme fallback."""
+    """The GPU lacks what a mode needs (fp8 tensor cores need sm_89+); `quant.formats.resolve_scheme` picks a scheme
+    that runs before any GEMM is launched."""
 
 
 # ------------------------------------------------------------------------------------------------------- configs
@@ -55,7 +56,7 @@ def block_config(bm: int, bn: int, bk: int, warps: int, stages: int, group: int 
 # Hopper (sm_90) configs for the Wan2.1 linears above SMALL_M tokens, keyed (mode, N, K) = (mode, out, in features).
 # 1.3B: dim 1536, ffn 8960; 14B: dim 5120, ffn 13824. 8-bit operands: 128x256x128 tiles, 8 warps (two consumer
 # warpgroups of 64x256 wgmma), 3-4 stages of 48 KiB. w8a16 reads bf16 A, so BLOCK_K halves for the same bytes.
-# Entries marked "measured" are sweep winners of `python -m wanrt.bench.gemm_bench` (bench/results/gemm_h100.md); the
+# Entries marked "measured" are sweep winners of `python -m wanrt.bench.gemm_bench` (bench/results/gemm_h100_ffn_up.md); the
 # others are starting points from the Triton fp8 tutorials' Hopper configs, not yet swept.
 CONFIGS: dict[tuple[str, int, int], dict] = {
     ("fp8", 8960, 1536): block_config(256, 128, 128, 8, 3),  # measured: 0.881 ms at M=32760 on an H100

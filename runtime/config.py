@@ -33,6 +33,13 @@ class DiTConfig:
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        from wanrt.kernels.attention import MODES
+        from wanrt.quant.formats import SCHEMES
+
+        if self.quant not in SCHEMES:
+            raise ValueError(f"quant must be one of {SCHEMES}, got {self.quant!r}")
+        if self.attention not in MODES:
+            raise ValueError(f"attention must be one of {MODES}, got {self.attention!r}")
         if self.head_dim % 2 or self.head_dim < 8:
             raise ValueError(f"head_dim {self.head_dim} must be even and >= 8 for the 3D RoPE split")
 

@@ -5,7 +5,8 @@ written as functions of plain tensors: `block_forward(x, e0, context, rope, w, c
 dict, so a streamer or a compiled graph can feed it whichever buffer holds block i.
 
 Numerics follow the official code: timestep embedding, modulation, norms, RoPE and the residual stream in fp32; GEMMs
-and attention in the weights' dtype (bf16 on the GPU, fp32 in parity tests).
+and attention in the blocks' compute dtype (bf16 on the GPU, fp32 in parity tests), or through the quantized scheme
+that `cfg.quant` names. On GPUs the norms, modulation, residual updates and RoPE run as fused Triton kernels.
 """
 from __future__ import annotations
 
@@ -131,6 +132,9 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
     Each residual update is fused with the norm that reads the updated x (`norm_modulate(..., residual=, gate=)`).
     """
     assert x.dtype == torch.float32 and e0.dtype == torch.float32
+    if ("self_attn.q.weight_scale" in w) != (cfg.quant != "bf16"):
+        raise ValueError(f"the block's weights do not match quant={cfg.quant!r}: quantize them with "
+                         "wanrt.quant.formats.quantize_block, or set the config's quant to the weights' scheme")
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (w["modulation"].float() + e0).chunk(6, dim=1)
     cos, sin = rope
     dtype = compute_dtype(w)

@@ -325,12 +325,11 @@ class WanPipeline:
         return latents
 
     def _decode(self, phase: PhasePlan, latents: torch.Tensor) -> torch.Tensor:
-        """Into one video in host RAM (in the VAE dtype): tiled, each tile's frames are blended straight into a pinned
-        host buffer (the planner then keeps no video on the GPU); untiled, on the GPU and copied once."""
+        """Into one video in host RAM (in the VAE dtype): tiled, each tile's frames are blended straight into a host
+        buffer (the planner then keeps no video on the GPU); untiled, on the GPU and copied once."""
         out = None
         if phase.tile is not None:
-            out = torch.empty(self.vae.decoded_shape(latents.shape), dtype=self.vae_dtype,
-                              pin_memory=self.device.type == "cuda")
+            out = torch.empty(self.vae.decoded_shape(latents.shape), dtype=self.vae_dtype)
         with on_device([self.vae.decoder, self.vae.conv2], self.device, self.vae_dtype):
             video = self.vae.decode(latents, tile=phase.tile, overlap=tile_overlap(phase.tile), out=out)
         return video.cpu()

@@ -30,7 +30,7 @@ from .config import Variant
 from .dit import WanDiT, rope_tables
 from .stream import BlockLayout
 from .text import UMT5Encoder
-from .vae import WanVAE, tile_overlap, tile_spans
+from .vae import CausalCache, WanVAE, tile_overlap, tile_spans
 
 GiB = 2**30
 MiB = 2**20
@@ -332,15 +332,31 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
         video = torch.empty(1, 3, (f - 1) * st[0] + 1, th * st[1], tw * st[2], device="meta")
         return trace_peak(vae.encode, video, compute_dtype=compute_dtype)
 
+    def whole_frame() -> int:
+        """Several tiles: the frame-wide part (decode: conv1 and the middle block, `WanVAE._middle_of_clip`;
+        encode: the middle block and the head, `_encode_high`) runs once on the whole frame, before or after them."""
+        f = min(lat[0], 3)
+        width = v.vae.z_dim if name == "decode" else v.vae.dim * v.vae.dim_mult[-1]
+        x = torch.empty(1, width, f, lat[1], lat[2], device="meta", dtype=compute_dtype)
+
+        def run(x: torch.Tensor) -> None:
+            cache = CausalCache()
+            for i in range(f):
+                frame = x[:, :, i:i + 1]
+                vae.decoder.low(vae.conv2(frame), cache) if name == "decode" else vae.encoder.high(frame, cache)
+                cache.advance()
+        return trace_peak(run, x)
+
     h, w = lat[1], lat[2]
     small, large = (min(8, h), min(8, w)), (h, w)
     a, b = traced(*small), traced(*large)
     per_px = max(b - a, 0) / max(h * w - small[0] * small[1], 1)
+    whole = whole_frame()
     acts = {None: b}
     for th in range(16, h + 1, 2):
         for tw in range(16, w + 1, 2):
             if (th, tw) != (h, w):
-                acts[(th, tw)] = int(a + per_px * (th * tw - small[0] * small[1]))
+                acts[(th, tw)] = max(int(a + per_px * (th * tw - small[0] * small[1])), whole)
     coverage = {t: _coverage(t, h, w) for t in acts}
     on_gpu = {t: video if name == "decode" and t is None else 0 for t in acts}
     candidates = sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),

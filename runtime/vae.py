@@ -409,10 +409,10 @@ class _HostBlender:
         self.depth = depth  # steps in flight: bounds the pinned staging memory
 
     def __call__(self, dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int, left: int) -> None:
-        staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # small, reused by the host allocator
         staged.copy_(x, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
+        copied = torch.cuda.Event(blocking=True)  # the worker sleeps on it rather than spinning a core
+        copied.record(torch.cuda.current_stream(x.device))
         self.pending.append(self.pool.submit(self._blend, copied, dst, staged, w, top, left))
         while len(self.pending) > self.depth:
             self.pending.popleft().result()
@@ -584,8 +584,7 @@ class WanVAE(nn.Module):
             m = self.decoder.low(self.conv2(_to_compute(z[:, :, i:i + 1], dtype)), cache)
             cache.advance()
             if mids is None:
-                mids = torch.empty((m.shape[0], m.shape[1], z.shape[2], *m.shape[3:]), dtype=m.dtype,
-                                   pin_memory=m.is_cuda)
+                mids = torch.empty((m.shape[0], m.shape[1], z.shape[2], *m.shape[3:]), dtype=m.dtype)
             mids[:, :, i:i + 1].copy_(m)
         return mids
 
