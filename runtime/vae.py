@@ -576,8 +576,8 @@ class WanVAE(nn.Module):
 
     def _middle_of_clip(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The decoder's low part (conv1 and the middle block, whose attention sees the whole frame) over the whole
-        frame, one latent frame at a time: [B, C, T, h, w] in `dtype`, kept in host RAM (pinned next to a GPU) so the
-        tiles' upsampling stages start from the same whole-frame values. Small: C = 384 at latent resolution."""
+        frame, one latent frame at a time: [B, C, T, h, w] in `dtype`, kept in host RAM, so the tiles' upsampling
+        stages start from the same whole-frame values. Small: C = 384 at latent resolution."""
         cache = CausalCache()
         mids = None
         for i in range(z.shape[2]):
