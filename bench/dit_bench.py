@@ -15,6 +15,7 @@ attention mode, and the fastest combination. Accuracy, each against bf16 with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def run(report: dict, runs: int) -> None:
         dit.cfg = cfg
         cap_memory(None)
         try:
-            with reference_only() if reference else _nothing():
+            with reference_only() if reference else contextlib.nullcontext():
                 rows[label] = {**time_it(lambda: forward(dit, blks, noise, 800.0, ctx[0]), runs=runs), **peaks()}
                 v = forward(dit, blks, noise, 800.0, ctx[0])
                 rows[label]["velocity_rel_err"] = round(rel_err(v, want_v), 5) if label != "bf16 fused" else 0.0
@@ -157,14 +158,6 @@ def run(report: dict, runs: int) -> None:
     for row in rows.values():
         if base and "median_ms" in row:
             row["over_bf16_fused"] = round(row["median_ms"] / base, 4)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def markdown(report: dict) -> str:
