@@ -22,7 +22,7 @@ from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
 from .text import Tokenizer, UMT5Encoder, encode_text
-from .vae import WanVAE, tile_overlap
+from .vae import WanVAE
 from .video import to_uint8_frames, write_mp4
 
 FPS = 16
@@ -297,8 +297,7 @@ class WanPipeline:
         clip = torch.cat([first[:, None], first.new_zeros(3, frame_num - 1, h, w)], dim=1)
         tile = (phase.tile[0] * st[1], phase.tile[1] * st[2]) if phase.tile else None  # encode tiles in pixels
         with on_device([self.vae.encoder, self.vae.conv1], self.device, self.vae_dtype):
-            y = self.vae.encode(clip[None].to(self.device), tile=tile, overlap=tile_overlap(phase.tile) * st[1],
-                                compute_dtype=self.vae_dtype)
+            y = self.vae.encode(clip[None].to(self.device), tile=tile, compute_dtype=self.vae_dtype)
         mask = torch.zeros(1, 4, *lat, device=self.device)
         mask[:, :, 0] = 1  # the first latent frame stands for 4 given frames (the official repeat of frame 0)
         return torch.cat([mask, y.to(mask.dtype)], dim=1)
@@ -331,7 +330,7 @@ class WanPipeline:
         if phase.tile is not None:
             out = torch.empty(self.vae.decoded_shape(latents.shape), dtype=self.vae_dtype)
         with on_device([self.vae.decoder, self.vae.conv2], self.device, self.vae_dtype):
-            video = self.vae.decode(latents, tile=phase.tile, overlap=tile_overlap(phase.tile), out=out)
+            video = self.vae.decode(latents, tile=phase.tile, out=out)
         return video.cpu()
 
 

@@ -355,13 +355,23 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
     acts = {None: b}
     for th in range(16, h + 1, 2):
         for tw in range(16, w + 1, 2):
-            if (th, tw) != (h, w):
-                acts[(th, tw)] = max(int(a + per_px * (th * tw - small[0] * small[1])), whole)
+            tile = _fitted((th, tw), h, w)
+            if tile not in acts and tile != (h, w):
+                acts[tile] = max(int(a + per_px * (tile[0] * tile[1] - small[0] * small[1])), whole)
     coverage = {t: _coverage(t, h, w) for t in acts}
     on_gpu = {t: video if name == "decode" and t is None else 0 for t in acts}
     candidates = sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),
                         key=lambda c: (coverage[c.tile], -c.activation_bytes))
     return choose(candidates, budget)
+
+
+def _fitted(tile: tuple[int, int], h: int, w: int) -> tuple[int, int]:
+    """The largest spans of this tile's tiling of an h x w grid (`tile_spans` balances them, so they are often
+    smaller than the tile): the tile that decodes the same way, priced by its real size. Falls back to `tile` in
+    the rare case where the smaller tile would get a smaller overlap (`tile_overlap`) and so a different tiling."""
+    overlap = tile_overlap(tile)
+    fitted = tuple(max(b - a for a, b in tile_spans(n, t, overlap)) for n, t in zip((h, w), tile))
+    return fitted if tile_overlap(fitted) == overlap else tile
 
 
 def _coverage(tile, h: int, w: int) -> float:

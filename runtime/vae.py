@@ -8,8 +8,8 @@ carries its last input frames to the next chunk in an explicit `CausalCache`. Th
 chunk and gives the same result as running the whole clip at once. Numerics follow the official code (fp32).
 
 Spatial tiling (`tile=` on `encode`/`decode`) bounds it further, by one tile: as in diffusers, each tile runs the whole
-causal time loop with its own cache, which is dropped when the tile is done, and tiles are blended with linear ramps
-over their overlaps straight into one preallocated output. `compute_dtype=torch.bfloat16` runs the convolutions and
+causal time loop with its own cache, which is dropped when the tile is done, and tiles are cross-faded in the middle
+of their overlaps (see TILE_OVERLAP) straight into one preallocated output. `compute_dtype=torch.bfloat16` runs the convolutions and
 activations in bf16 (weights cast on the fly if stored in fp32); RMS norm statistics and the output stay fp32.
 """
 from __future__ import annotations
@@ -309,22 +309,37 @@ class Decoder3d(nn.Module):
         return self.head(x, cache)
 
 
+# Seams: at a tile's inner edge its convolutions see zero padding instead of the neighbour's values, so its outermost
+# output is wrong, with an error that falls off within a few latents of the edge. Neighbours therefore decode
+# TILE_OVERLAP latents in common; each drops the part next to its own edge and only the middle TILE_BLEND latents
+# are cross-faded. Near the seam this is 6 dB closer to the untiled output than a linear ramp across the same 6
+# latents, and 4 dB closer than a linear ramp across 8 (diffusers' overlap) while decoding less twice
+# (bench/results/seams_cpu.md).
+TILE_OVERLAP = 6
+TILE_BLEND = 2
+
+
 def tile_overlap(tile: tuple[int, int] | None) -> int:
-    """Latents shared by neighbouring decode tiles: 8 (64 px, diffusers' choice, no visible seams) or half the tile
-    when that is smaller (the blend ramps of a tile must not overlap)."""
-    return min(8, min(tile) // 2) if tile else 8
+    """Latents shared by neighbouring tiles: TILE_OVERLAP, or a third of the tile when that is smaller (keeps a
+    tile's two overlaps apart, see `tile_spans`)."""
+    return min(TILE_OVERLAP, min(tile) // 3) if tile else TILE_OVERLAP
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, stop) spans of at most `tile` cells covering [0, length) in order: stride tile - overlap, so
-    neighbours share exactly `overlap` cells, and the last span is clipped to the frame (as diffusers does). One span
-    when length <= tile. Needs 0 <= 2 * overlap <= tile (checked by the callers), which keeps a span's two blend ramps
-    apart and every span longer than its overlaps."""
+    """[start, stop) spans covering [0, length) in order: the fewest of at most `tile` cells, neighbours sharing
+    exactly `overlap` cells, lengths differing by at most one (a thin last tile would cost nearly the launch time of
+    a full one for little work). One span when length <= tile. Needs 0 <= 3 * overlap <= tile (checked by the
+    callers): then every span is at least 2 * overlap long, so its two overlaps never meet."""
     if length <= tile:
         return [(0, length)]
-    stride = tile - overlap
-    n = -(-(length - overlap) // stride)  # fewest spans whose union reaches `length`
-    return [(i * stride, min(i * stride + tile, length)) for i in range(n)]
+    n = -(-(length - overlap) // (tile - overlap))  # fewest spans whose union reaches `length`
+    total = length + (n - 1) * overlap
+    spans, start = [], 0
+    for i in range(n):
+        size = total // n + (i < total % n)
+        spans.append((start, start + size))
+        start += size - overlap
+    return spans
 
 
 def decode_tiles(h: int, w: int, tile: tuple[int, int], overlap: int) -> list[tuple[slice, slice]]:
@@ -332,12 +347,22 @@ def decode_tiles(h: int, w: int, tile: tuple[int, int], overlap: int) -> list[tu
     return [(slice(*r), slice(*c)) for r in tile_spans(h, tile[0], overlap) for c in tile_spans(w, tile[1], overlap)]
 
 
-def tile_blend_weights(spans: list[tuple[int, int]], scale: int = 1) -> list[torch.Tensor]:
-    """Per span of one axis, fp32 weights of length (stop - start) * scale: a linear ramp over each overlap with a
-    neighbour (up from the previous span, down into the next), 1 elsewhere. The ramps of two neighbours sum to 1
-    cell by cell, so summing weight * tile over all tiles of a frame (weights: the outer product of the two axes')
-    blends the overlaps and leaves the rest unchanged. `scale` (8 for decode) refines latent spans to pixels, so the
-    ramps are smooth at pixel level."""
+def _fade_out(shared: int, blend: int) -> torch.Tensor:
+    """Weights of the earlier of two neighbours over the `shared` cells both computed: 1 up to the cross-fade, a
+    smoothstep down to 0 over the middle `blend` cells, then 0 next to its edge (the later neighbour's weights are
+    the complement)."""
+    blend = min(blend, shared)
+    keep = (shared - blend) // 2
+    t = (torch.arange(blend) + 0.5) / blend
+    return torch.cat([torch.ones(keep), 1 - t * t * (3 - 2 * t), torch.zeros(shared - blend - keep)])
+
+
+def tile_blend_weights(spans: list[tuple[int, int]], scale: int = 1, blend: int = TILE_BLEND) -> list[torch.Tensor]:
+    """Per span of one axis, fp32 weights of length (stop - start) * scale: over each overlap with a neighbour a
+    cross-fade of `blend` cells in its middle (`_fade_out`), 0 on the side next to this span's edge and 1 on the
+    other; 1 elsewhere. The weights of two neighbours sum to 1 cell by cell, so summing weight * tile over all
+    tiles of a frame (weights: the outer product of the two axes') blends the overlaps and leaves the rest
+    unchanged. `scale` (8 for decode) refines latent spans to pixels, so the fade is smooth at pixel level."""
     out = []
     for i, (start, stop) in enumerate(spans):
         w = torch.ones((stop - start) * scale)
@@ -345,9 +370,9 @@ def tile_blend_weights(spans: list[tuple[int, int]], scale: int = 1) -> list[tor
         down = (stop - spans[i + 1][0]) * scale if i + 1 < len(spans) else 0
         assert up + down <= w.numel(), f"blend ramps overlap in span {i} of {spans}"
         if up:
-            w[:up] = (torch.arange(up) + 0.5) / up
+            w[:up] = 1 - _fade_out(up, blend * scale)
         if down:
-            w[w.numel() - down:] = (torch.arange(down, 0, -1) - 0.5) / down
+            w[w.numel() - down:] = _fade_out(down, blend * scale)
         out.append(w)
     return out
 
@@ -375,13 +400,6 @@ def _tiles(rows: list[tuple[int, int]], cols: list[tuple[int, int]], scale: tupl
             left = (cols[j - 1][1] - c0) * scale[1] if j > 0 else 0
             w = None if alone else (wr[i][:, None] * wc[j][None, :]).to(device)
             yield (r0, r1), (c0, c1), w, top, left
-
-
-def _release_cached_blocks(like: torch.Tensor) -> None:
-    """Edge tiles differ in size, so the allocator could not reuse a finished tile's freed blocks for the next one
-    and would keep them reserved (measured: 150 MiB at a 1 GiB cap on an H100): return them to the device."""
-    if like.is_cuda:
-        torch.cuda.empty_cache()
 
 
 def _blend(dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int, left: int) -> None:
@@ -486,28 +504,31 @@ class WanVAE(nn.Module):
                              f"got {compute_dtype}")
         return compute_dtype
 
-    def _tiling(self, tile: tuple[int, int] | None, overlap: int, grid: tuple[int, int],
+    def _tiling(self, tile: tuple[int, int] | None, overlap: int | None, grid: tuple[int, int],
                 unit: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Row and column spans over the latent grid; `tile` and `overlap` come in units of 1/unit latent cell."""
+        """Row and column spans over the latent grid; `tile` and `overlap` come in units of 1/unit latent cell,
+        overlap None meaning `tile_overlap`'s."""
         if tile is None:
             return [(0, grid[0])], [(0, grid[1])]
+        if overlap is None and len(tile) == 2:
+            overlap = tile_overlap((tile[0] // unit, tile[1] // unit)) * unit
         if (len(tile) != 2 or min(tile) < 1 or any(v % unit for v in tile) or overlap % unit
-                or not 0 <= 2 * overlap <= min(tile)):
+                or not 0 <= 3 * overlap <= min(tile)):
             raise ValueError(f"tile must be (height, width), positive multiples of {unit}, and overlap a multiple "
-                             f"of {unit} in [0, min(tile) / 2]; got tile={tile}, overlap={overlap}")
+                             f"of {unit} in [0, min(tile) / 3]; got tile={tile}, overlap={overlap}")
         th, tw, ov = tile[0] // unit, tile[1] // unit, overlap // unit
         return tile_spans(grid[0], th, ov), tile_spans(grid[1], tw, ov)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, normalize: bool = True, tile: tuple[int, int] | None = None,
-               overlap: int = 64, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+               overlap: int | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """video: [B, 3, F, H, W] in [-1, 1], F = 4n+1, H and W multiples of 8 -> latents mu
         [B, z_dim, (F-1)/4 + 1, H/8, W/8] in the VAE dtype; normalised unless `normalize=False`.
 
         tile: (height, width) of the spatial tiles in PIXELS (multiples of 8), None for the whole frame at once;
-        overlap: pixels shared by neighbouring tiles (a multiple of 8, at most min(tile) / 2), blended linearly in
-        latent space. 64 px = 8 latents, as diffusers (256 px tiles at a 192 px stride). compute_dtype: dtype of
-        the convolutions and activations, default the VAE's (fp32: official numerics)."""
+        overlap: pixels shared by neighbouring tiles (a multiple of 8, at most min(tile) / 3; default 8 *
+        `tile_overlap`), cross-faded in latent space as `tile_blend_weights` says. compute_dtype: dtype of the convolutions and activations, default the
+        VAE's (fp32: official numerics)."""
         st, sh, sw = self.cfg.stride
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, F, H, W], got {tuple(video.shape)}")
@@ -529,7 +550,6 @@ class WanVAE(nn.Module):
                     feats = torch.empty((*x.shape[:3], *shape[3:]), dtype=torch.float32)
                 _blend(feats[:, :, :, r0:r1, c0:c1], x, wgt, top, left)
                 del x
-                _release_cached_blocks(video)
             out = self._encode_high(feats, cd, video.device).to(self.conv1.weight.dtype)
         if not normalize:
             return out
@@ -589,13 +609,13 @@ class WanVAE(nn.Module):
         return mids
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tile: tuple[int, int] | None = None, overlap: int = 8,
+    def decode(self, latents: torch.Tensor, tile: tuple[int, int] | None = None, overlap: int | None = None,
                compute_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """latents: normalised [B, z_dim, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1].
 
         tile: (height, width) of the spatial tiles in LATENTS, None for the whole frame at once (one tile);
-        overlap: latents shared by neighbouring tiles (at most min(tile) / 2), blended linearly over 8 * overlap
-        pixels. The default 8 (64 px) is diffusers' (32-latent tiles at stride 24), where seams are not visible.
+        overlap: latents shared by neighbouring tiles (at most min(tile) / 3; default `tile_overlap`); each tile drops the part next to its
+        own edge and the middle TILE_BLEND latents are cross-faded (`tile_blend_weights`).
         With several tiles, conv1 and the middle block (whose attention spans the frame) first run once on the whole
         frame (`_middle_of_clip`, kept in host RAM); then each tile runs the upsampling stages through the whole
         clip, one latent frame at a time, with its own causal cache, and adds its weighted frames straight into the
@@ -626,11 +646,12 @@ class WanVAE(nn.Module):
         # GPU frames into a host-RAM video: blended on a worker thread while the GPU decodes on
         blend = _HostBlender() if latents.is_cuda and out.device.type == "cpu" else _blend
         try:
+            # No empty_cache between tiles: balanced spans differ by at most one latent, so each tile reuses the
+            # blocks the one before freed (measured on an H100: the same reserved peak, and 150 ms less of 2 s).
             for (r0, r1), (c0, c1), wgt, top, left in _tiles(rows, cols, (sh, sw), out.device):
                 src = z if mids is None else mids
                 self._decode_tile(src[:, :, :, r0:r1, c0:c1], out[:, :, :, r0 * sh:r1 * sh, c0 * sw:c1 * sw], wgt,
                                   top, left, cd, latents.device, blend, from_middle=mids is not None)
-                _release_cached_blocks(z)
         finally:
             if isinstance(blend, _HostBlender):
                 blend.close()

@@ -43,11 +43,13 @@ def snr(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("tile", [1, 4, 5, 8, 13])
 def test_tile_spans_cover_exactly(tile):
-    for overlap in range(tile // 2 + 1):
+    for overlap in range(tile // 3 + 1):
         for length in range(1, 60):
             spans = tile_spans(length, tile, overlap)
+            sizes = [b - a for a, b in spans]
             assert spans[0][0] == 0 and spans[-1][1] == length
-            assert all(0 < b - a <= tile for a, b in spans)
+            assert all(0 < n <= tile for n in sizes) and max(sizes) - min(sizes) <= 1  # balanced: no thin tile
+            assert len(spans) == 1 or min(sizes) >= 2 * overlap  # a span's two overlaps never meet
             if length <= tile:
                 assert spans == [(0, length)]
             for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
@@ -56,8 +58,8 @@ def test_tile_spans_cover_exactly(tile):
             assert len(spans) == 1 or spans[-2][1] < length
 
 
-@pytest.mark.parametrize("h, w, tile, overlap", [(7, 13, (4, 6), 2), (11, 5, (3, 8), 1), (3, 2, (8, 8), 4),
-                                                 (60, 104, (34, 40), 8), (9, 9, (5, 5), 0)])
+@pytest.mark.parametrize("h, w, tile, overlap", [(7, 13, (4, 6), 1), (11, 5, (3, 8), 1), (3, 2, (8, 8), 2),
+                                                 (60, 104, (34, 40), 8), (60, 104, (33, 31), 6), (9, 9, (5, 5), 0)])
 def test_decode_tiles_and_weights_partition_the_frame(h, w, tile, overlap):
     tiles = decode_tiles(h, w, tile, overlap)
     count = torch.zeros(h, w, dtype=torch.int64)
@@ -77,16 +79,21 @@ def test_decode_tiles_and_weights_partition_the_frame(h, w, tile, overlap):
         total = torch.zeros(h * scale, w * scale)
         for (r0, r1), wr in zip(rows, tile_blend_weights(rows, scale)):
             for (c0, c1), wc in zip(cols, tile_blend_weights(cols, scale)):
-                assert wr.min() > 0 and wc.min() > 0
+                assert wr.min() >= 0 and wc.min() >= 0
                 total[r0 * scale:r1 * scale, c0 * scale:c1 * scale] += wr[:, None] * wc[None, :]
         torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-6)
 
 
 def test_blend_weights_ramp():
-    up, mid, down = tile_blend_weights([(0, 4), (2, 6), (4, 8)])
-    torch.testing.assert_close(up, torch.tensor([1, 1, 0.75, 0.25]))
-    torch.testing.assert_close(mid, torch.tensor([0.25, 0.75, 0.75, 0.25]))
-    torch.testing.assert_close(down, torch.tensor([0.25, 0.75, 1, 1]))
+    # overlap 2 = the cross-fade (blend 2): a smoothstep over the whole overlap, at cell centres 0.25 and 0.75
+    up, mid, down = tile_blend_weights([(0, 4), (2, 6), (4, 8)], blend=2)
+    torch.testing.assert_close(up, torch.tensor([1, 1, 0.84375, 0.15625]))
+    torch.testing.assert_close(mid, torch.tensor([0.15625, 0.84375, 0.84375, 0.15625]))
+    torch.testing.assert_close(down, torch.tensor([0.15625, 0.84375, 1, 1]))
+    # overlap 4, blend 2: each tile drops the cell next to its own edge, the middle two are cross-faded
+    left, right = tile_blend_weights([(0, 8), (4, 12)], blend=2)
+    torch.testing.assert_close(left, torch.tensor([1, 1, 1, 1, 1, 0.84375, 0.15625, 0]))
+    torch.testing.assert_close(right, torch.tensor([0, 0.15625, 0.84375, 1, 1, 1, 1, 1]))
 
 
 # --- decode --------------------------------------------------------------------------------------------------------
@@ -94,7 +101,7 @@ def test_blend_weights_ramp():
 def test_decode_one_tile_is_untiled(vae, latents):
     untiled = vae.decode(latents)
     for tile in [(10, 14), (16, 32)]:  # exactly the frame, and larger than it
-        assert torch.equal(vae.decode(latents, tile=tile, overlap=4), untiled)
+        assert torch.equal(vae.decode(latents, tile=tile, overlap=3), untiled)
     # ... and both equal the plain decode_step loop.
     mean, inv_std = vae._latent_stats(latents)
     z, cache = latents / inv_std + mean, CausalCache()
@@ -103,7 +110,7 @@ def test_decode_one_tile_is_untiled(vae, latents):
     assert torch.equal(untiled, steps)
 
 
-@pytest.mark.parametrize("tile, overlap, floor_db", [((6, 6), 2, 20.0), ((6, 8), 3, 21.0), ((10, 8), 4, 25.0)])
+@pytest.mark.parametrize("tile, overlap, floor_db", [((6, 6), 2, 20.0), ((6, 8), 2, 21.0), ((9, 12), 3, 25.0)])
 def test_decode_tiled(vae, latents, tile, overlap, floor_db):
     untiled = vae.decode(latents)
     out = torch.full_like(untiled, float("nan"))  # every element must be written
@@ -130,12 +137,12 @@ def test_encode_one_tile_is_untiled(vae, video):
     assert untiled.shape == (1, CFG.z_dim, 2, 10, 14)
     assert torch.equal(vae.encode(video, tile=(80, 112), overlap=0), untiled)
     assert torch.equal(vae.encode(video, tile=(256, 256), overlap=64), untiled)
-    assert torch.equal(vae.encode(video, normalize=False, tile=(80, 112), overlap=32),
+    assert torch.equal(vae.encode(video, normalize=False, tile=(80, 112), overlap=24),
                        vae.encode(video, normalize=False))
 
 
 # Floors measured with the middle block on the whole frame (25.5 and 30.9 dB; tiling it too gave 22.8 and 26.9).
-@pytest.mark.parametrize("tile, overlap, floor_db", [((48, 48), 16, 24.0), ((64, 64), 32, 29.0)])
+@pytest.mark.parametrize("tile, overlap, floor_db", [((48, 48), 16, 24.0), ((72, 72), 24, 29.0)])
 def test_encode_tiled(vae, video, tile, overlap, floor_db):
     untiled = vae.encode(video)
     got = vae.encode(video, tile=tile, overlap=overlap)
@@ -150,11 +157,11 @@ def test_encode_tiled(vae, video, tile, overlap, floor_db):
 def test_bf16_compute(vae, latents, video):
     ref = vae.decode(latents)
     got = vae.decode(latents, compute_dtype=torch.bfloat16)
-    tiled = vae.decode(latents, tile=(6, 8), overlap=3, compute_dtype=torch.bfloat16)
+    tiled = vae.decode(latents, tile=(6, 8), overlap=2, compute_dtype=torch.bfloat16)
     assert got.dtype == torch.float32  # output and blending stay in the VAE dtype
     enc_ref = vae.encode(video)
     enc = vae.encode(video, compute_dtype=torch.bfloat16)
-    db = psnr(got, ref), psnr(tiled, vae.decode(latents, tile=(6, 8), overlap=3)), snr(enc, enc_ref)
+    db = psnr(got, ref), psnr(tiled, vae.decode(latents, tile=(6, 8), overlap=2)), snr(enc, enc_ref)
     print(f"bf16 vs fp32: decode PSNR {db[0]:.1f} dB, tiled decode {db[1]:.1f} dB, encode SNR {db[2]:.1f} dB")
     assert min(db) > 30
 
