@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -167,7 +170,7 @@ def bench_text(report: dict, runs: int) -> None:
 def bench_vae(report: dict, runs: int) -> None:
     from diffusers import AutoencoderKLWan
 
-    from wanrt.runtime.vae import WanVAE, tile_overlap, vae_from_diffusers
+    from wanrt.runtime.vae import WanVAE, vae_from_diffusers
 
     v = get_variant("t2v-1.3B")
     torch.manual_seed(0)
@@ -218,7 +221,7 @@ def bench_vae(report: dict, runs: int) -> None:
             cap_memory(budget)
             # as the pipeline: a tiled decode blends into host RAM, an untiled one decodes on the GPU
             host = None if phase.tile is None else torch.empty(vae.decoded_shape(z.shape), dtype=dtype)
-            decode = lambda: vae.decode(z, tile=phase.tile, overlap=tile_overlap(phase.tile), out=host)
+            decode = lambda: vae.decode(z, tile=phase.tile, out=host)
             out[name] = {**time_it(decode, runs=runs), **peaks(), "budget_gib": 1.0, "plan": phase.describe(),
                          "planned_peak_gib": round(phase.peak_bytes / GiB, 3)}
             tiled = decode().float().cpu()
@@ -265,7 +268,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Lean runtime benchmarks: {g['gpu']} (torch {g['torch']}, driver {g['driver']})", "",
              "Random weights, bf16, batch 1, 480p x 81 frames. CUDA-event medians after warm-up; budgets enforced by "
              "capping the caching allocator. Reproduce: `python -m wanrt.bench.stream_bench`.", "",
-             "| what | time (ms) | max reserved (GiB) | max allocated (GiB) | note |", "|---|---|---|---|---|"]
+             *[f"- {name}: `{r['command']}`, started {r['started']}" for name, r in report.get("runs", {}).items()],
+             "", "| what | time (ms) | max reserved (GiB) | max allocated (GiB) | note |", "|---|---|---|---|---|"]
 
     def row(name, r, note=""):
         lines.append(f"| {name} | {r['median_ms']} | {r['max_reserved_gib']} | {r['max_allocated_gib']} | {note} |")
@@ -318,13 +322,20 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/stream")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections of an existing report at --out (each section records its run)")
     args = p.parse_args()
-    report = {"machine": gpu_info(), "sections": args.only}
+    old = Path(args.out).with_suffix(".json")
+    report = json.loads(old.read_text()) if args.merge and old.exists() else {}
+    report.update(machine=gpu_info())
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
+        report.setdefault("runs", {})[name] = {"command": " ".join(["python -m wanrt.bench.stream_bench", *sys.argv[1:]]),
+                                               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         try:
             with torch.no_grad():
                 SECTIONS[name](report, args.runs)
+            report.get("errors", {}).pop(name, None)  # an error of this section's earlier run (--merge)
         except Exception as e:  # keep the other sections' results; the error is part of the report
             import traceback
 
