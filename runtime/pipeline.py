@@ -145,6 +145,7 @@ class WanPipeline:
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, v.text.text_len)
         self.ram_budget = available_ram() - 2 * 2**30 if ram_budget is None else ram_budget
         self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
+        self.block_copy = None  # replaces the streamed blocks' host-to-device copy (benchmarks: a slower link)
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
@@ -272,15 +273,17 @@ class WanPipeline:
     @contextmanager
     def _streamer(self, store, phase: PhasePlan):
         b = phase.blocks
-        streamer = make_streamer(store, self.device, b.resident, b.slots)
+        streamer = make_streamer(store, self.device, b.resident, b.slots, self.block_copy)
         try:
             yield streamer
         finally:
             streamer.close()
 
     def _encode_text(self, phase: PhasePlan, prompts: list[str]) -> list[torch.Tensor]:
+        groups = [prompts] if phase.chunk is None else [[p] for p in prompts]  # together, or one at a time
         with self._streamer(self.text_store, phase) as streamer, on_device([self.text_encoder.norm], self.device):
-            out = encode_text(self.text_encoder, self.tokenizer, prompts, self.device, weights=streamer)
+            out = [o for g in groups for o in encode_text(self.text_encoder, self.tokenizer, g, self.device,
+                                                           weights=streamer)]
         return [pad_context([o.to(self.dtype)], self.variant.dit.text_len) for o in out]
 
     def _encode_image(self, phase: PhasePlan, img: torch.Tensor) -> torch.Tensor:

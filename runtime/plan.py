@@ -41,6 +41,10 @@ def usable(budget: int) -> int:
     """The part of a budget a plan may fill: the caching allocator holds freed blocks it cannot reuse for the next
     request's size (measured 70-140 MiB at 1 GiB on an H100 with expandable segments), so keep 1/16 + 32 MiB free."""
     return budget - budget // 16 - 32 * MiB
+# The VAE's causal caches outlive each frame's transients, and the caching allocator cannot always fit the next
+# frame's tensors into the holes they leave: in whole generations on an H100 a decode's max reserved memory was
+# 1.21-1.25x its max allocated (the DiT's: 1.01-1.02x). Its phases are priced at what the allocator will reserve.
+VAE_ALLOCATOR_OVERHEAD = 1.2
 CHUNKS = (None, 16384, 8192, 4096, 2048)  # tokens per chunk, largest first (None: all at once)
 SLOTS = (4, 3, 2, 1)  # ring depth, deepest first
 
@@ -97,10 +101,15 @@ class _FusedKernels(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-            # An arbitrary additive mask (umT5's position bias) rules out the flash kernels: count the score and
-            # probability matrices the fallback makes.
-            masked = (kwargs or {}).get("attn_mask") is not None
-            scores = [q.new_empty(*q.shape[:-1], k.shape[-2]) for _ in range(2 if masked else 0)]
+            # An arbitrary additive mask (umT5's position bias) rules out the flash kernels and the math fallback
+            # runs, which upcasts half-precision inputs to fp32 (allow_fp16_bf16_reduction_math_sdp is off by
+            # default): fp32 copies of q, k, v and the mask, then the scores and the masked scores (seen on an
+            # H100: bmm, add and softmax in fp32). Counting two score matrices in the input dtype left the text
+            # phase 70 MiB short of its measured peak, enough to run out of memory under a 1 GiB cap.
+            mask = (kwargs or {}).get("attn_mask")
+            up = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+            scores = [t.new_empty(t.shape, dtype=up) for t in (q, k, v, mask)] if mask is not None else []
+            scores += [q.new_empty(*q.shape[:-1], k.shape[-2], dtype=up) for _ in range(2 if mask is not None else 0)]
             out = q.new_empty(*q.shape[:-1], v.shape[-1])
             del lse, scores
             return out
@@ -173,6 +182,8 @@ class PhasePlan:
                          f"through {b.slots} slots of {b.block_bytes / MiB:.0f} MiB")
         if self.name == "denoise":
             parts.append(f"tokens per chunk {self.chunk or 'all'}")
+        if self.name == "text":
+            parts.append("prompts encoded together" if self.chunk is None else "one prompt at a time")
         if self.name in ("decode", "encode"):
             parts.append(f"tile {self.tile[0]}x{self.tile[1]} latents" if self.tile else "untiled")
         parts.append(f"activations {fmt(self.activation_bytes)}")
@@ -283,13 +294,17 @@ def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> Phas
 
 
 def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
-    """umT5: the token table stays in host RAM (only the prompt's rows are gathered); blocks stream."""
+    """umT5: the token table stays in host RAM (only the prompt's rows are gathered); blocks stream. The prompt and
+    the negative prompt go through together (chunk None) or, when that does not fit, one at a time (chunk 1: half
+    the activations, twice the blocks streamed)."""
     cfg = v.text
     model = _one_block_model(UMT5Encoder, cfg, dtype)
-    ids = torch.empty(2, cfg.text_len, dtype=torch.long, device="meta")  # the prompt and the negative prompt
-    act = trace_peak(model.forward, ids, torch.empty_like(ids))
+    acts = {}
+    for chunk, batch in ((None, 2), (1, 1)):
+        ids = torch.empty(batch, cfg.text_len, dtype=torch.long, device="meta")
+        acts[chunk] = trace_peak(model.forward, ids, torch.empty_like(ids))
     return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers,
-                      _block_bytes(model)), {None: act})
+                      _block_bytes(model)), acts)
 
 
 def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
@@ -352,12 +367,13 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
     a, b = traced(*small), traced(*large)
     per_px = max(b - a, 0) / max(h * w - small[0] * small[1], 1)
     whole = whole_frame()
-    acts = {None: b}
+    acts = {None: int(b * VAE_ALLOCATOR_OVERHEAD)}
     for th in range(16, h + 1, 2):
         for tw in range(16, w + 1, 2):
             tile = _fitted((th, tw), h, w)
             if tile not in acts and tile != (h, w):
-                acts[tile] = max(int(a + per_px * (tile[0] * tile[1] - small[0] * small[1])), whole)
+                per_tile = a + per_px * (tile[0] * tile[1] - small[0] * small[1])
+                acts[tile] = int(max(per_tile, whole) * VAE_ALLOCATOR_OVERHEAD)
     coverage = {t: _coverage(t, h, w) for t in acts}
     on_gpu = {t: video if name == "decode" and t is None else 0 for t in acts}
     candidates = sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),

@@ -233,13 +233,14 @@ def split_blocks(state: dict, num_blocks: int, prefix: str = "blocks") -> tuple[
     return rest, blocks
 
 
-def make_streamer(store, device: torch.device | str, resident: int, slots: int) -> BlockStreamer:
-    """A streamer whose first `resident` blocks are copied to the device once and stay there."""
+def make_streamer(store, device: torch.device | str, resident: int, slots: int, copy=None) -> BlockStreamer:
+    """A streamer whose first `resident` blocks are copied to the device once and stay there; `copy` as for
+    BlockStreamer (e.g. a link emulator) applies to the streamed ones."""
     on_device = {}
     for i in range(resident):
         staging = torch.empty(store.layout.nbytes, dtype=torch.uint8) if store.needs_staging else None
         on_device[i] = store.layout.views(store.host_bytes(i, staging).to(device))
-    return BlockStreamer(store, device, slots, on_device)
+    return BlockStreamer(store, device, slots, on_device, copy)
 
 
 def make_store(blocks: list[Weights], dtype_of, in_ram: bool) -> PinnedStore | MmapStore:

@@ -402,6 +402,12 @@ def _tiles(rows: list[tuple[int, int]], cols: list[tuple[int, int]], scale: tupl
             yield (r0, r1), (c0, c1), w, top, left
 
 
+def _release_cached_blocks(like: torch.Tensor) -> None:
+    """Return the caching allocator's free blocks to the device (once per pass of a new shape, not per tile)."""
+    if like.is_cuda:
+        torch.cuda.empty_cache()
+
+
 def _blend(dst: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, top: int, left: int) -> None:
     """Add x * w to dst ([..., rows, cols], a view of the output at one tile), computed in fp32 at least.
 
@@ -550,6 +556,7 @@ class WanVAE(nn.Module):
                     feats = torch.empty((*x.shape[:3], *shape[3:]), dtype=torch.float32)
                 _blend(feats[:, :, :, r0:r1, c0:c1], x, wgt, top, left)
                 del x
+            _release_cached_blocks(video)
             out = self._encode_high(feats, cd, video.device).to(self.conv1.weight.dtype)
         if not normalize:
             return out
@@ -643,6 +650,8 @@ class WanVAE(nn.Module):
         # Several tiles: the middle block's attention is global within a frame, so it runs once on the whole
         # frame and only the local upsampling stages are tiled (seams then come only from their zero padding).
         mids = self._middle_of_clip(z, cd) if len(rows) * len(cols) > 1 else None
+        if mids is not None:
+            _release_cached_blocks(z)  # the frame-wide pass's blocks do not fit the tiles' shapes
         # GPU frames into a host-RAM video: blended on a worker thread while the GPU decodes on
         blend = _HostBlender() if latents.is_cuda and out.device.type == "cpu" else _blend
         try:
