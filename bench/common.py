@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -69,11 +70,11 @@ def random_like(t: torch.Tensor, name: str, device: str = "cuda") -> torch.Tenso
     return x.to(t.dtype)
 
 
-def random_state(module: torch.nn.Module, to_cpu: bool = True) -> dict[str, torch.Tensor]:
-    """Random weights for every parameter of a (meta) module, in each parameter's dtype."""
+def random_state(module: torch.nn.Module, to_cpu: bool = True, device: str = "cuda") -> dict[str, torch.Tensor]:
+    """Random weights for every parameter of a (meta) module, in each parameter's dtype, drawn on `device`."""
     out = {}
     for name, p in module.named_parameters():
-        t = random_like(p, name)
+        t = random_like(p, name, device)
         out[name] = t.cpu() if to_cpu else t
     return out
 
@@ -89,7 +90,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: an interrupted run never leaves a half-written report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_report(report: dict, out: Path, markdown: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown)
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown)

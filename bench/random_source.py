@@ -14,12 +14,14 @@ from wanrt.runtime.config import get_variant
 
 
 class RandomSource:
+    """Each model's weights are drawn once and kept, so a pipeline and the peers compared with it share them."""
     layout = "random"
 
     def __init__(self, variant: str, dtype: torch.dtype = torch.bfloat16):
         self.variant = get_variant(variant)
         self.dtype = dtype
         self.root = Path(tempfile.mkdtemp(prefix="wanrt-random-"))
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def task(self) -> str:
@@ -30,10 +32,12 @@ class RandomSource:
         return write_tiny_tokenizer(self.root / "tokenizer", 1000)  # ids < 1000 index the full 256k table
 
     def _random(self, cls, cfg, dtype) -> dict[str, torch.Tensor]:
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to_inference_dtype(dtype) if hasattr(model, "to_inference_dtype") else model.to(dtype)
-        return random_state(model)
+        if cls.__name__ not in self._states:
+            with torch.device("meta"):
+                model = cls(cfg)
+            model = model.to_inference_dtype(dtype) if hasattr(model, "to_inference_dtype") else model.to(dtype)
+            self._states[cls.__name__] = random_state(model, device="cuda" if torch.cuda.is_available() else "cpu")
+        return self._states[cls.__name__]
 
     def dit_state(self, mmap: bool = False):
         from wanrt.runtime.dit import WanDiT

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,21 @@ def _random_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote a random-weight {args.variant} checkpoint ({args.layout} layout) to {out}")
 
 
+def parse_budgets(text: str) -> list[int | None]:
+    """'1GiB,4GiB,resident' -> [2**30, 4 * 2**30, None] (None: no cap)."""
+    return [None if b.strip() == "resident" else parse_bytes(b) for b in text.split(",") if b.strip()]
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from wanrt.bench.matrix import run_bench
+
+    if args.peers is None:
+        args.peers = importlib.util.find_spec("diffusers") is not None
+    report = run_bench(args)
+    print(f"wrote {args.out}.json and {args.out}.md ({len(report['rows'])} rows"
+          + (f", plots {', '.join(report['plots'])}" if report.get("plots") else "") + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanrt", description="Run Wan2.1 video generation in little VRAM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="video.mp4", help="output mp4 (written atomically)")
     g.set_defaults(func=_generate)
 
+    b = sub.add_parser("bench", help="latency and memory per phase and VRAM budget, with peers in the same run")
+    b.add_argument("--variant", default="t2v-1.3B", help="with random weights (no --model); default t2v-1.3B")
+    b.add_argument("--model", help="a checkpoint directory instead of random weights")
+    b.add_argument("--size", help="width*height (default: the variant's first size)")
+    b.add_argument("--frame_num", type=int, default=81)
+    b.add_argument("--steps", type=int, default=4, help="denoising steps of the whole-generation row")
+    b.add_argument("--budgets", type=parse_budgets, default=parse_budgets("1GiB,2GiB,4GiB,resident"),
+                   help="comma-separated VRAM budgets; 'resident' = no cap (default: 1GiB,2GiB,4GiB,resident)")
+    b.add_argument("--attention", type=lambda s: s.split(","), default=["sdpa"],
+                   help="comma-separated attention modes (sdpa, fp8, int8, ...): one set of rows each")
+    b.add_argument("--runs", type=int, default=3, help="timed calls per phase (median and spread)")
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure diffusers beside wanrt (default: when diffusers is installed)")
+    b.add_argument("--link-gbps", type=float, help="emulate a slower host link, e.g. 23 for desktop PCIe 4.0 x16")
+    b.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="PNG plots (matplotlib)")
+    b.add_argument("--prompt", default="a red circle moves right on a blue background")
+    b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    b.add_argument("--out", default="bench/results/bench", help="report path without suffix (.json, .md, .png)")
+    b.set_defaults(func=_bench)
+
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (tests and demos, no download)")
     r.add_argument("--variant", default="tiny-t2v")
     r.add_argument("--layout", choices=("official", "diffusers"), default="official")
@@ -89,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # after the subcommand: reports record how they were made
     try:
         args.func(args)
     except ValueError as e:  # user errors (bad flags, bad checkpoints) get one line, not a traceback
