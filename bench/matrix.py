@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,6 +111,8 @@ class Bench:
         self.args, self.source, self.device = args, source, device
         self.out = Path(args.out)
         v = source.variant
+        if v.task != "t2v":
+            raise ValueError(f"wanrt bench measures text-to-video variants; {v.name} is {v.task}")
         self.size = args.size or v.sizes[0]
         w, h = (int(n) for n in self.size.split("*"))
         st = v.vae.stride
@@ -155,7 +157,7 @@ class Bench:
         return pipe
 
     def inputs(self, pipe: WanPipeline) -> dict:
-        """Fixed noise and, once, the text contexts every row and peer starts from."""
+        """The fixed noise every row and peer starts from, and a one-step solver with its first timestep."""
         g = torch.Generator().manual_seed(0)
         solver = make_solver("unipc", 1, default_shift(pipe.variant.task, self.size))
         return {"latents": torch.randn(1, pipe.variant.vae.z_dim, *self.lat, generator=g).to(self.device),
@@ -163,8 +165,8 @@ class Bench:
 
     def wanrt_row(self, pipe: WanPipeline, attention: str, budget: int | None) -> dict:
         a, dev = self.args, self.device
-        row = {"engine": "wanrt", "setting": setting_name(budget), "budget_gib": None if budget is None else budget / GiB, "scheme": "bf16", "attention": attention, "backend": "eager", "phases": {},
-               "error": None}
+        row = {"engine": "wanrt", "setting": setting_name(budget), "budget_gib": None if budget is None else budget / GiB,
+               "scheme": "bf16", "attention": attention, "backend": "eager", "phases": {}, "error": None}
         pipe.vram_budget = default_vram_budget(dev) if budget is None else budget
         try:
             plan = pipe.plan(self.lat, a.steps)
@@ -198,7 +200,7 @@ class Bench:
         self.progress(f"wanrt {row['setting']}: decode")
         video, stats = measure(lambda: pipe._decode(plan.phase("decode"), x["latents"]), dev, a.warmup, a.runs)
         record("decode", stats)
-        if budget is None:  # the reference the peers are compared with
+        if budget is None and not self.reference:  # the peers are compared with the first resident row
             self.reference = {"context": ctx, "context_null": ctx_null, "video": video, "t": x["t"],
                               "latents": x["latents"], "velocity": self.velocity(pipe, plan, emb, x)}
         del video, emb
@@ -213,28 +215,27 @@ class Bench:
         return row
 
     def streamed_bytes(self, plan) -> dict[str, int]:
-        """Weight bytes each phase moves over the host link: text one pass, a CFG step two, decode none."""
+        """Weight bytes each phase moves over the host link: text one pass (two when the prompts go one at a time),
+        a CFG step two, decode none."""
         def per_pass(name: str) -> int:
             b = plan.phase(name).blocks
             return (b.num_blocks - b.resident) * b.block_bytes if b and b.streamed else 0
-        return {"text": per_pass("text"), "denoise_step": 2 * per_pass("denoise"), "decode": 0}
+        text_passes = 1 if plan.phase("text").chunk is None else 2
+        return {"text": text_passes * per_pass("text"), "denoise_step": 2 * per_pass("denoise"), "decode": 0}
 
+    @contextmanager
     def recording_link(self, denoise_phase):
         """Record the emulated link's copies during the first streamed denoise step of the run (for the check)."""
         b = denoise_phase.blocks
         if self.link is None or self.report["link"] is not None or not (b and b.streamed):
-            return nullcontext()
-        bench = self
-
-        class Recording:
-            def __enter__(self):
-                bench.link.record, bench.link.events = True, []
-
-            def __exit__(self, *exc):
-                bench.link.record = False
-                if exc[0] is None:
-                    bench.report["link"] = bench.link.check()
-        return Recording()
+            yield
+            return
+        self.link.record, self.link.events = True, []
+        try:
+            yield
+        finally:
+            self.link.record = False
+        self.report["link"] = self.link.check()
 
     def velocity(self, pipe: WanPipeline, plan, emb, x) -> torch.Tensor:
         """wanrt's guided velocity for the fixed inputs at the first timestep (what a peer's step is compared with)."""
@@ -261,7 +262,7 @@ class Bench:
             if offload is not None and dev.type != "cuda":
                 continue
             self.progress(f"diffusers DiT, {setting}: one denoise step with CFG")
-            row = self.peer_row("diffusers", f"DiT {setting}")
+            row = self.blank_row("diffusers", f"DiT {setting}")
             model = peers.diffusers_dit(v, state, pipe_dtype(dev))
             cap(dev, None)  # releases what the previous setting cached, so each peak is its own
             step = peers.dit_step(model, offload, dev)
@@ -276,7 +277,7 @@ class Bench:
         cap(dev, None)
         for setting in peers.VAE_SETTINGS:
             self.progress(f"diffusers VAE, {setting}: decode")
-            row = self.peer_row("diffusers", f"VAE {setting}")
+            row = self.blank_row("diffusers", f"VAE {setting}")
             decode = peers.vae_decode(vae, setting == "tiled", v)
             out, stats = measure(lambda: decode(ref["latents"]), dev, a.warmup, a.runs)
             stats["psnr_vs_wanrt_db"] = round(psnr(out.float().cpu(), ref["video"].float()), 2)
@@ -285,21 +286,21 @@ class Bench:
             del out
             self.add(row)
 
-    def guarded(self, make_row, pipe, attention: str, budget: int | None) -> dict:
+    def guarded_row(self, pipe, attention: str, budget: int | None) -> dict:
         """The row, or on running out of memory the same row with the error (a broken budget is a result too)."""
         try:
-            return make_row(pipe, attention, budget)
+            return self.wanrt_row(pipe, attention, budget)
         except (torch.OutOfMemoryError, RuntimeError) as e:  # the pipeline's own give-up is a RuntimeError
             if not isinstance(e, torch.OutOfMemoryError) and "out of GPU memory" not in str(e):
                 raise
             cap(self.device, None)
-            row = self.peer_row("wanrt", setting_name(budget))
+            row = self.blank_row("wanrt", setting_name(budget))
             row.update(budget_gib=None if budget is None else budget / GiB, attention=attention,
                        error=f"out of memory: {str(e).splitlines()[0]}")
             return row
 
     @staticmethod
-    def peer_row(engine: str, setting: str) -> dict:
+    def blank_row(engine: str, setting: str) -> dict:
         return {"engine": engine, "setting": setting, "budget_gib": None, "scheme": "bf16", "attention": "sdpa",
                 "backend": "eager", "phases": {}, "error": None}
 
@@ -312,7 +313,7 @@ class Bench:
             for attention in a.attention:
                 pipe = self.pipeline(attention)
                 for budget in budgets:
-                    self.add(self.guarded(self.wanrt_row, pipe, attention, budget))
+                    self.add(self.guarded_row(pipe, attention, budget))
                 del pipe
             if a.peers:
                 self.peer_rows(self.source.variant)

@@ -78,3 +78,23 @@ def vae_decode(model, tiled: bool, v: Variant):
         std = torch.tensor(v.vae.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
         return model.decode((latents * std + mean).to(dtype), return_dict=False)[0].clamp(-1, 1)
     return decode
+
+
+def random_wan21_vaes():
+    """diffusers' AutoencoderKLWan as it initialises itself (seed 0; RMS-norm gains drawn around 1 so they matter)
+    and our WanVAE with the same weights: (diffusers, ours), both on the CPU in fp32."""
+    from diffusers import AutoencoderKLWan
+
+    from wanrt.runtime.config import get_variant
+    from wanrt.runtime.vae import WanVAE, vae_from_diffusers
+
+    v = get_variant("t2v-1.3B")
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    ours = WanVAE(v.vae)
+    ours.load_state_dict(vae_from_diffusers(ref.state_dict(), v.vae))
+    return ref, ours.eval()

@@ -18,26 +18,11 @@ from pathlib import Path
 import torch
 
 from wanrt.bench.common import psnr, write_report
-from wanrt.runtime.config import get_variant
-from wanrt.runtime.vae import TILE_BLEND, TILE_OVERLAP, WanVAE, tile_blend_weights, vae_from_diffusers
+from wanrt.bench.peers import random_wan21_vaes
+from wanrt.runtime.vae import TILE_BLEND, TILE_OVERLAP, WanVAE, tile_blend_weights
 
 T, H, W = 2, 8, 40  # latent frames, rows, columns
 BAND = 12  # latents either side of the seam that the PSNR covers
-
-
-def random_vae() -> WanVAE:
-    from diffusers import AutoencoderKLWan
-
-    v = get_variant("t2v-1.3B")
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan().eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    vae = WanVAE(v.vae)
-    vae.load_state_dict(vae_from_diffusers(ref.state_dict(), v.vae))
-    return vae.eval()
 
 
 def linear_weights(spans: list[tuple[int, int]], scale: int) -> list[torch.Tensor]:
@@ -85,7 +70,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/seams_cpu")
     p.add_argument("--seeds", type=int, default=2)
     args = p.parse_args()
-    vae, overlaps = random_vae(), [2, 4, 6, 8]
+    vae, overlaps = random_wan21_vaes()[1], [2, 4, 6, 8]
     runs = [seam_psnr(vae, seed, overlaps) for seed in range(args.seeds)]
     rows = [{"overlap_latents": o, "scheme": s, "psnr_db": round(statistics.mean(r[f"{o}/{s}"] for r in runs), 2)}
             for o in overlaps for s in ("linear ramp", "ours")]

@@ -168,20 +168,11 @@ def bench_text(report: dict, runs: int) -> None:
 
 
 def bench_vae(report: dict, runs: int) -> None:
-    from diffusers import AutoencoderKLWan
-
-    from wanrt.runtime.vae import WanVAE, vae_from_diffusers
+    from wanrt.bench.peers import random_wan21_vaes
 
     v = get_variant("t2v-1.3B")
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan().eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    ours = WanVAE(v.vae)
-    ours.load_state_dict(vae_from_diffusers(ref.state_dict(), v.vae))
-    ref, ours = ref.cuda(), ours.cuda().eval()
+    ref, ours = random_wan21_vaes()
+    ref, ours = ref.cuda(), ours.cuda()
     mean = torch.tensor(v.vae.latents_mean, device="cuda").view(1, -1, 1, 1, 1)
     std = torch.tensor(v.vae.latents_std, device="cuda").view(1, -1, 1, 1, 1)
     z = torch.randn(1, 16, *LAT_480P, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
