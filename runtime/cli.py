@@ -29,6 +29,12 @@ def parse_bytes(text: str) -> int:
 def _generate(args: argparse.Namespace) -> None:
     from .pipeline import load
 
+    if args.engine is not None:
+        from .engine import is_engine
+
+        if not is_engine(args.engine):
+            raise ValueError(f"{args.engine} is not an engine (no manifest.json): `wanrt export` writes one")
+        args.model = args.engine
     if args.model is None:
         raise ValueError("no --model given: pass an official or diffusers Wan2.1 checkpoint directory "
                          "(`wanrt random-checkpoint --out DIR` writes a tiny random one for trying things out)")
@@ -46,6 +52,25 @@ def _generate(args: argparse.Namespace) -> None:
     out = video.save(args.out)
     f, h, w, _ = video.frames.shape
     print(f"wrote {out} ({f} frames, {w}x{h}, {video.fps} fps, seed {video.seed}) in {time.perf_counter() - start:.1f} s")
+
+
+def _export(args: argparse.Namespace) -> None:
+    if args.verify:
+        from .engine import open_engine
+
+        engine = open_engine(args.verify)
+        m = engine.manifest
+        print(f"{args.verify}: ok ({len(m['files'])} files verified; {engine.variant.name}, DiT blocks "
+              f"{m['schemes']['dit_blocks']}, wanrt {m['wanrt_version']}, format {m['format_version']})")
+        return
+    if args.model is None or args.out is None:
+        raise ValueError("export needs --model CKPT_DIR and --out ENGINE_DIR (or --verify ENGINE_DIR)")
+    from wanrt.export.engine import export_engine
+
+    start = time.perf_counter()
+    out = export_engine(args.model, args.out, args.scheme, progress=True)
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    print(f"wrote engine {out} ({args.scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
 
 def _random_checkpoint(args: argparse.Namespace) -> None:
@@ -75,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text-to-video or image-to-video to an mp4")
-    g.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory")
+    g.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory, or an engine")
+    g.add_argument("--engine", help="an engine directory written by `wanrt export` (verified before use)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--neg_prompt", default="", help="negative prompt (default: the official one)")
     g.add_argument("--image", help="conditioning image for i2v checkpoints")
@@ -115,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--out", default="bench/results/bench", help="report path without suffix (.json, .md, .png)")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("export", help="write an engine: quantized, sharded per block, hashed")
+    e.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory")
+    e.add_argument("--out", help="engine directory to write (replaced atomically at the end)")
+    e.add_argument("--scheme", default="bf16", help="DiT block weights: bf16 (as in the checkpoint), fp8, int8, "
+                   "w8a16")
+    e.add_argument("--verify", metavar="ENGINE_DIR", help="check an engine's files against its manifest and exit")
+    e.set_defaults(func=_export)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (tests and demos, no download)")
     r.add_argument("--variant", default="tiny-t2v")

@@ -18,6 +18,8 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .dit import WanDiT, keeps_fp32, pad_context
+from .engine import is_engine, open_engine
+from ..quant.formats import quantize_block
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -152,8 +154,7 @@ class WanPipeline:
         ram = self.ram_budget
         dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
-        self.dit_store, ram = _store(dit_blocks, self.dit, lambda n, t: torch.float32 if keeps_fp32(n) else self.dtype,
-                                     ram)
+        self.dit_store, ram = _store(dit_blocks, self.dit, self._dit_dtype, ram)
         text_rest, text_blocks = split_blocks(ckpt.text_state(mmap=True), v.text.num_layers)
         self.text_encoder = _shell(UMT5Encoder, v.text, text_rest, self.dtype)
         self.text_store, ram = _store(text_blocks, self.text_encoder, lambda n, t: self.dtype, ram)
@@ -167,6 +168,13 @@ class WanPipeline:
     @property
     def variant(self):
         return self.ckpt.variant
+
+    def _dit_dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
+        """A DiT block tensor's dtype in memory: quantized weights and their scales as stored (an engine's scheme),
+        the official fp32 modulation, everything else the compute dtype."""
+        if t.dtype in (torch.int8, torch.float8_e4m3fn) or name.endswith("weight_scale"):
+            return t.dtype
+        return torch.float32 if keeps_fp32(name) else self.dtype
 
     def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None) -> Plan:
         budget = self.vram_budget if budget is None else budget
@@ -340,7 +348,8 @@ class WanPipeline:
 def _store(blocks: list[dict], model, dtype_of, ram: int):
     """A host store for the blocks, in RAM if they fit in `ram` bytes; returns it and the RAM left. Every block is
     checked against the model's (meta) block first, so a bad checkpoint fails here, naming the tensor."""
-    expected = {k: tuple(p.shape) for k, p in model.block_weights(0).items()}
+    quant = getattr(model.cfg, "quant", "bf16")  # a DiT engine's blocks come quantized
+    expected = {k: tuple(p.shape) for k, p in quantize_block(model.block_weights(0), quant).items()}
     for i, block in enumerate(blocks):
         got = {k: tuple(t.shape) for k, t in block.items()}
         if got != expected:
@@ -374,4 +383,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
          vae_dtype: torch.dtype | None = None) -> WanPipeline:
     """`wanrt.load(checkpoint_dir)`: open an official or diffusers Wan2.1 checkpoint and build its pipeline.
     Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is available minus 2 GiB."""
-    return WanPipeline(open_checkpoint(path), device, dtype, vram_budget, ram_budget, vae_dtype)
+    return WanPipeline(open_source(path), device, dtype, vram_budget, ram_budget, vae_dtype)
+
+
+def open_source(path: str | Path):
+    """An engine directory (verified first: hashes, format, GPU capability) or a checkpoint directory."""
+    return open_engine(path) if is_engine(path) else open_checkpoint(path)

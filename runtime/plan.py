@@ -31,6 +31,7 @@ from .dit import WanDiT, rope_tables
 from .stream import BlockLayout
 from .text import UMT5Encoder
 from .vae import CausalCache, WanVAE, tile_overlap, tile_spans
+from ..quant.formats import quantize_block
 
 GiB = 2**30
 MiB = 2**20
@@ -274,8 +275,10 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
     fixed = shell + 2 * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
     rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
-    acts = {c: trace_peak(model.denoise, x, time, ctx, None, c) for c in CHUNKS if c is None or c < tokens}
-    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(model)), acts)
+    block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
+    acts = {c: trace_peak(model.denoise, x, time, ctx, lambda i: block, c) for c in CHUNKS if c is None or c < tokens}
+    block_bytes = BlockLayout.of_block(block, lambda k, v: v.dtype).nbytes
+    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, block_bytes), acts)
 
 
 def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:

@@ -1,0 +1,106 @@
+"""`wanrt export`: an official or diffusers checkpoint -> an engine directory (layout in runtime/engine.py).
+
+The DiT's blocks are quantized per the scheme (quant/formats.py); everything else is stored as the checkpoint holds it,
+so a bf16 engine generates exactly what its checkpoint does. The engine is built in a temporary folder next to the
+destination and renamed into place only when complete: an interrupted export leaves no half-written engine, and
+running it again starts over. Loading never unpickles: every file is safetensors or JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import wanrt
+from wanrt.quant.formats import QUANTIZED_LINEARS, SCHEMES, quantize_block
+from wanrt.quant.linear import linear_error_report
+from wanrt.runtime.checkpoint import open_checkpoint
+from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_engine, sha256, variant_to_json
+from wanrt.runtime.stream import split_blocks
+
+from .random_checkpoint import _jsonable, atomic_dir
+
+FIDELITY_TOKENS = 256  # random activations per linear for the recorded error (cheap on a CPU at full width)
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def _write_blocks(part: str, state: dict, num_blocks: int, root: Path, prefix: str = "blocks",
+                  transform=None, bar=None) -> None:
+    rest, blocks = split_blocks(state, num_blocks, prefix)
+    _save(rest, root / part / "resident.safetensors")
+    for i, block in enumerate(blocks):
+        _save(transform(block) if transform else block, root / part / f"block_{i:02d}.safetensors")
+        if bar is not None:
+            bar.update(1)
+
+
+def fidelity(blocks: list[dict], scheme: str, seed: int = 0) -> dict:
+    """Relative error of each quantized linear of the first and last block against bf16, on random inputs."""
+    if scheme == "bf16":
+        return {"scheme": "bf16", "note": "weights as in the checkpoint: exact"}
+    g = torch.Generator().manual_seed(seed)
+    report = {}
+    for i in sorted({0, len(blocks) - 1}):
+        for name in QUANTIZED_LINEARS:
+            w = blocks[i].get(f"{name}.weight")
+            if w is None:
+                continue
+            x = torch.randn(FIDELITY_TOKENS, w.shape[1], generator=g)
+            report[f"blocks.{i}.{name}"] = round(linear_error_report(w.float(), blocks[i].get(f"{name}.bias"), x,
+                                                                     scheme, gelu=name == "ffn.0"), 5)
+    return {"scheme": scheme, "per_linear_rel_err_vs_bf16": report, "inputs": f"random, {FIDELITY_TOKENS} tokens",
+            "max": max(report.values())}
+
+
+def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True) -> Path:
+    """Write the engine of checkpoint `model` to `out` (replacing an engine already there)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    ckpt = open_checkpoint(model)
+    v = ckpt.variant
+    out = Path(out)
+    if out.exists() and not is_engine(out) and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not an engine; refusing to replace it")
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        n = v.dit.num_layers + v.text.num_layers + 3
+        with tqdm(total=n, desc=f"export {scheme}", unit="file", disable=not progress) as bar:
+            dit = ckpt.dit_state()
+            _, dit_blocks = split_blocks(dit, v.dit.num_layers)
+            _write_blocks("dit", dit, v.dit.num_layers, tmp, transform=lambda b: quantize_block(b, scheme), bar=bar)
+            report = fidelity(dit_blocks, scheme)
+            del dit, dit_blocks
+            _write_blocks("text", ckpt.text_state(), v.text.num_layers, tmp, bar=bar)
+            _save(ckpt.vae_state(), tmp / "vae" / "vae.safetensors")
+            bar.update(1)
+            if v.clip is not None:
+                _save(ckpt.clip_state(), tmp / "clip" / "clip.safetensors")
+            bar.update(1)
+            shutil.copytree(ckpt.tokenizer_dir, tmp / "tokenizer")
+            bar.update(1)
+        files = {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        variant = variant_to_json(_with_quant(v, scheme))
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "wanrt_version": wanrt.__version__,
+            "variant": _jsonable(variant), "source": {"path": str(Path(model).name), "layout": ckpt.layout},
+            "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text": "as in the checkpoint",
+                        "vae": "as in the checkpoint"},
+            "attention": v.dit.attention, "backends": {}, "gpu_capability": None, "fidelity": report,
+            "files": files, "export_seconds": round(time.perf_counter() - start, 2)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _with_quant(v, scheme: str):
+    return dataclasses.replace(v, dit=dataclasses.replace(v.dit, quant=scheme))

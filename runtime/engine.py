@@ -1,0 +1,171 @@
+"""Engine directories (written by `wanrt export`): read and verify them before any GPU work.
+
+    ENGINE_DIR/
+      manifest.json               format version, wanrt version, variant and configs, scheme per tensor group,
+                                  attention mode, backend artifacts, GPU capability compiled for, fidelity report,
+                                  and the sha256 and size of every other file
+      dit/resident.safetensors    everything of the DiT but its blocks
+      dit/block_00.safetensors    one shard per block (official names inside the block), quantized per the scheme
+      text/resident.safetensors, text/block_00.safetensors ...
+      vae/vae.safetensors, clip/clip.safetensors (I2V), tokenizer/
+
+An Engine reads like a Checkpoint (variant, tokenizer_dir and the *_state methods), so the pipeline runs it as it runs
+a checkpoint. Opening one checks every file against the manifest (missing, truncated, altered), the format version
+and the GPU capability its artifacts were compiled for; each failure is an EngineError naming the file or field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, _named_variant, _tuples, load_tensors
+from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
+
+FORMAT = "wanrt-engine"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class EngineError(CheckpointError):
+    """An engine that cannot be used as it is; the message says which file or field and why."""
+
+
+def sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def variant_to_json(v: Variant) -> dict:
+    return {"name": v.name, "dit": dataclasses.asdict(v.dit), "vae": dataclasses.asdict(v.vae),
+            "text": dataclasses.asdict(v.text), "clip": None if v.clip is None else dataclasses.asdict(v.clip)}
+
+
+def variant_from_json(d: dict) -> Variant:
+    """The variant the engine was exported from: its named variant (sizes, defaults) with the engine's quant scheme
+    and attention mode, or a custom one."""
+    dit, vae, text = DiTConfig(**_tuples(d["dit"])), VAEConfig(**_tuples(d["vae"])), TextConfig(**_tuples(d["text"]))
+    clip = CLIPConfig(**_tuples(d["clip"])) if d.get("clip") else None
+    base = VARIANTS.get(d.get("name"))
+    if base and (dataclasses.replace(base.dit, quant=dit.quant, attention=dit.attention), base.vae, base.text,
+                 base.clip) == (dit, vae, text, clip):
+        return dataclasses.replace(base, dit=dit)
+    return _named_variant(dit, vae, text, clip)
+
+
+def is_engine(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class Engine:
+    root: Path
+    manifest: dict
+    variant: Variant
+    layout: str = "engine"
+
+    @property
+    def task(self) -> str:
+        return self.variant.task
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def _blocks(self, part: str, num_blocks: int, mmap: bool) -> dict[str, torch.Tensor]:
+        """resident.safetensors plus block_XX.safetensors of one part, as one state dict with official names."""
+        state = dict(load_tensors(self.root / part / "resident.safetensors", mmap))
+        for i in range(num_blocks):
+            prefix = "transformer" if part == "clip" else "blocks"
+            for name, t in load_tensors(self.root / part / f"block_{i:02d}.safetensors", mmap).items():
+                state[f"{prefix}.{i}.{name}"] = t
+        return state
+
+    def dit_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
+        return self._blocks("dit", self.variant.dit.num_layers, mmap)
+
+    def text_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
+        return self._blocks("text", self.variant.text.num_layers, mmap)
+
+    def vae_state(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.root / "vae" / "vae.safetensors")
+
+    def clip_state(self) -> dict[str, torch.Tensor]:
+        if self.variant.clip is None:
+            raise EngineError(f"{self.root} is a {self.task} engine and has no CLIP image encoder")
+        return load_tensors(self.root / "clip" / "clip.safetensors")
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{root} is not an engine: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise EngineError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise EngineError(f"{path}: engine format version {version!r} was written by a newer wanrt (this one reads "
+                          f"up to {FORMAT_VERSION}); upgrade wanrt or export the engine again")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    """Every file the manifest lists exists with its size and sha256, and no file is there that it does not list."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise EngineError(f"{root / MANIFEST}: no file list")
+    for rel, want in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise EngineError(f"{path} is missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise EngineError(f"{path} has {size} bytes, the manifest says {want['bytes']}: truncated or replaced")
+        if sha256(path) != want["sha256"]:
+            raise EngineError(f"{path} does not match its sha256 in {MANIFEST}: the file was altered or corrupted")
+    listed = set(files) | {MANIFEST}
+    extra = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                   and str(p.relative_to(root)) not in listed)
+    if extra:
+        raise EngineError(f"{root} has files its manifest does not list: {extra[:5]}")
+
+
+def check_capability(manifest: dict, capability: tuple[int, int] | None) -> None:
+    """Compiled artifacts run only on the GPU capability they were built for (None in the manifest: no artifacts
+    tied to one). `capability` is this machine's (None: no GPU)."""
+    built = manifest.get("gpu_capability")
+    if built is None:
+        return
+    built = tuple(built)
+    if capability is None:
+        raise EngineError(f"this engine's compiled artifacts are for a GPU of compute capability sm_{built[0]}{built[1]}"
+                          f" and this machine has no GPU; export it again without compiled backends")
+    if tuple(capability) != built:
+        raise EngineError(f"this engine was compiled for compute capability sm_{built[0]}{built[1]}, this GPU is "
+                          f"sm_{capability[0]}{capability[1]}; export it again on this machine")
+
+
+def open_engine(path: str | Path, capability: tuple[int, int] | None | str = "this machine") -> Engine:
+    """Verify an engine directory and return it; `capability` defaults to this machine's GPU (None: no GPU)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if capability == "this machine":
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    check_capability(manifest, capability)
+    verify_files(root, manifest)
+    try:
+        variant = variant_from_json(manifest["variant"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EngineError(f"{root / MANIFEST}: bad variant: {e}") from None
+    return Engine(root, manifest, variant)

@@ -1,0 +1,139 @@
+"""`wanrt export` on the CPU: engines from both checkpoint layouts for every scheme, generation from them, and every
+kind of tampering refused with a clear error before any model is built."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import wanrt
+from wanrt.export.engine import export_engine
+from wanrt.quant.formats import SCHEMES
+from wanrt.runtime.cli import main
+from wanrt.runtime.engine import EngineError, open_engine
+
+PROMPT = "a red circle moves right on a blue background"
+REQUEST = dict(size="32*32", frame_num=5, sample_steps=2, base_seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    out = {(layout, "bf16"): export_engine(checkpoints["t2v", layout], root / f"{layout}-bf16", progress=False)
+           for layout in ("official", "diffusers")}
+    for scheme in SCHEMES[1:]:
+        out["official", scheme] = export_engine(checkpoints["t2v", "official"], root / scheme, scheme, False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    return wanrt.load(checkpoints["t2v", "official"], device="cpu").generate(PROMPT, **REQUEST).frames
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_bf16_engine_generates_what_its_checkpoint_does(engines, checkpoints, layout):
+    want = wanrt.load(checkpoints["t2v", layout], device="cpu").generate(PROMPT, **REQUEST).frames
+    got = wanrt.load(engines[layout, "bf16"], device="cpu").generate(PROMPT, **REQUEST).frames
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[1:])
+def test_quantized_engines_record_their_error_and_generate_close_to_bf16(engines, reference, scheme):
+    engine = open_engine(engines["official", scheme])
+    report = engine.manifest["fidelity"]
+    assert report["scheme"] == scheme and 0 < report["max"] < (4e-2 if scheme == "fp8" else 1e-2)
+    assert engine.variant.dit.quant == scheme and engine.variant.name == "tiny-t2v"
+    video = wanrt.load(engines["official", scheme], device="cpu").generate(PROMPT, **REQUEST).frames
+    err = np.abs(video.astype(float) - reference).mean() / 255
+    print(f"{scheme}: per-linear error up to {report['max']:.4f}, mean frame error {err:.4f} of full scale")
+    assert video.shape == reference.shape and err < 0.05
+
+
+def test_quantized_shards_are_smaller(engines):
+    def block_bytes(scheme):
+        return engines["official", scheme].joinpath("dit", "block_00.safetensors").stat().st_size
+    assert block_bytes("fp8") < block_bytes("bf16") and block_bytes("int8") == block_bytes("w8a16")
+
+
+def test_generate_cli_takes_an_engine(engines, tmp_path):
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--engine", str(engines["official", "bf16"]), "--prompt", PROMPT, "--size", "32*32",
+                 "--frame_num", "5", "--sample_steps", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+# --- tampering: each a clear error from open_engine, before any model is built ----------------------------------
+
+@pytest.fixture
+def engine_copy(engines, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(engines["official", "bf16"], dst)
+    return dst
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(root, **changes):
+    path = root / "manifest.json"
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda r: _flip_byte(r / "dit" / "block_01.safetensors"), "does not match its sha256"),
+    (lambda r: (r / "text" / "block_00.safetensors").write_bytes(
+        (r / "text" / "block_00.safetensors").read_bytes()[:-100]), "truncated"),
+    (lambda r: (r / "vae" / "vae.safetensors").unlink(), "is missing"),
+    (lambda r: (r / "manifest.json").unlink(), "not an engine"),
+    (lambda r: _edit_manifest(r, format_version=99), "newer wanrt"),
+    (lambda r: _edit_manifest(r, gpu_capability=[12, 0]), "compiled for compute capability sm_120"),
+    (lambda r: (r / "dit" / "extra.bin").write_bytes(b"x"), "does not list"),
+])
+def test_tampered_engines_are_refused(engine_copy, tamper, message):
+    tamper(engine_copy)
+    with pytest.raises(EngineError, match=message):
+        open_engine(engine_copy, capability=(9, 0))
+
+
+def test_engine_for_a_gpu_on_a_machine_without_one(engine_copy):
+    _edit_manifest(engine_copy, gpu_capability=[9, 0])
+    with pytest.raises(EngineError, match="no GPU"):
+        open_engine(engine_copy, capability=None)
+    assert open_engine(engine_copy, capability=(9, 0)).variant.name == "tiny-t2v"  # hashes still hold
+
+
+def test_verify_cli(engine_copy, capsys):
+    assert main(["export", "--verify", str(engine_copy)]) == 0
+    assert "ok (" in capsys.readouterr().out
+    _flip_byte(engine_copy / "dit" / "resident.safetensors")
+    assert main(["export", "--verify", str(engine_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_is_atomic(checkpoints, tmp_path, monkeypatch):
+    import wanrt.export.engine as E
+
+    calls = []
+
+    def failing_save(state, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_save(state, path)
+    real_save = E._save
+    monkeypatch.setattr(E, "_save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_engine(checkpoints["t2v", "official"], tmp_path / "engine", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the engine nor its temporary folder is left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    monkeypatch.setattr(E, "_save", real_save)
+    with pytest.raises(ValueError, match="not an engine"):
+        export_engine(checkpoints["t2v", "official"], tmp_path / "notes", progress=False)
