@@ -62,10 +62,26 @@ def fidelity(blocks: list[dict], scheme: str, seed: int = 0) -> dict:
             "max": max(report.values())}
 
 
-def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True) -> Path:
-    """Write the engine of checkpoint `model` to `out` (replacing an engine already there)."""
+BACKENDS = ("inductor", "onnx", "tensorrt")
+
+
+def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True,
+                  backends: tuple[str, ...] = (), latents: tuple[int, int, int] | None = None) -> Path:
+    """Write the engine of checkpoint `model` to `out` (replacing an engine already there). `backends` adds compiled
+    block graphs for latents of (frames, height, width) (default: the variant's first size, 81 frames)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if unknown := set(backends) - set(BACKENDS):
+        raise ValueError(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
+    if "tensorrt" in backends:
+        from .tensorrt_backend import require
+
+        require()  # before any work
+        if "onnx" not in backends:
+            backends = ("onnx", *backends)  # TensorRT builds from the ONNX graph
+    if backends and scheme != "bf16":
+        raise ValueError("compiled backends export bf16 engines for now (quantized Q/DQ graphs are not built yet): "
+                         "use --scheme bf16 with --backends")
     ckpt = open_checkpoint(model)
     v = ckpt.variant
     out = Path(out)
@@ -79,6 +95,7 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             _, dit_blocks = split_blocks(dit, v.dit.num_layers)
             _write_blocks("dit", dit, v.dit.num_layers, tmp, transform=lambda b: quantize_block(b, scheme), bar=bar)
             report = fidelity(dit_blocks, scheme)
+            compiled = _compile(v, backends, latents, dit_blocks[0], tmp)
             del dit, dit_blocks
             _write_blocks("text", ckpt.text_state(), v.text.num_layers, tmp, bar=bar)
             _save(ckpt.vae_state(), tmp / "vae" / "vae.safetensors")
@@ -96,9 +113,36 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             "variant": _jsonable(variant), "source": {"path": str(Path(model).name), "layout": ckpt.layout},
             "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text": "as in the checkpoint",
                         "vae": "as in the checkpoint"},
-            "attention": v.dit.attention, "backends": {}, "gpu_capability": None, "fidelity": report,
+            "attention": v.dit.attention, "backends": compiled.pop("backends"), "fidelity": report, **compiled,
             "files": files, "export_seconds": round(time.perf_counter() - start, 2)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _compile(v, backends: tuple[str, ...], latents, block: dict, root: Path) -> dict:
+    """The backends' artifacts for one block graph, and the GPU capability they are tied to (None: any)."""
+    out = {"backends": {}, "gpu_capability": None}
+    if not backends:
+        return out
+    if latents is None:
+        w, h = (int(n) for n in v.sizes[0].split("*")) if v.sizes else (832, 480)
+        st = v.vae.stride
+        latents = ((81 - 1) // st[0] + 1, h // st[1], w // st[2])
+    if "inductor" in backends:
+        from .inductor_backend import export_block_inductor
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        out["backends"]["inductor"] = export_block_inductor(v, latents, block, root, device)
+        if device.type == "cuda":
+            out["gpu_capability"] = list(torch.cuda.get_device_capability())
+    if "onnx" in backends:
+        from .onnx_backend import export_block_onnx
+
+        out["backends"]["onnx"] = export_block_onnx(v, latents, block, root)
+    if "tensorrt" in backends:
+        from .tensorrt_backend import build_plan
+
+        out["backends"]["tensorrt"], out["gpu_capability"] = build_plan(root, out["backends"]["onnx"])
     return out
 
 

@@ -68,7 +68,14 @@ def _export(args: argparse.Namespace) -> None:
     from wanrt.export.engine import export_engine
 
     start = time.perf_counter()
-    out = export_engine(args.model, args.out, args.scheme, progress=True)
+    latents = None
+    if args.size:
+        from .pipeline import parse_size
+
+        w, h = parse_size(args.size)
+        latents = ((args.frame_num - 1) // 4 + 1, h // 8, w // 8)
+    backends = tuple(b for b in (args.backends or "").split(",") if b)
+    out = export_engine(args.model, args.out, args.scheme, progress=True, backends=backends, latents=latents)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"wrote engine {out} ({args.scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="engine directory to write (replaced atomically at the end)")
     e.add_argument("--scheme", default="bf16", help="DiT block weights: bf16 (as in the checkpoint), fp8, int8, "
                    "w8a16")
+    e.add_argument("--backends", help="compiled block graphs: onnx (validated with onnxruntime), tensorrt (needs "
+                   "NVIDIA's TensorRT and a GPU); comma-separated")
+    e.add_argument("--size", help="width*height the block graphs are compiled for (default: the variant's first)")
+    e.add_argument("--frame_num", type=int, default=81, help="frames the block graphs are compiled for")
     e.add_argument("--verify", metavar="ENGINE_DIR", help="check an engine's files against its manifest and exit")
     e.set_defaults(func=_export)
 

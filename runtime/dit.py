@@ -241,6 +241,7 @@ class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
+        self.compiled_block = None  # an engine's compiled block graph (runtime/engine.py CompiledBlock), if any
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
@@ -308,8 +309,10 @@ class WanDiT(nn.Module):
         x.copy_(tokens.flatten(2).transpose(1, 2))
         del tokens
         rope = rope_tables(cfg.head_dim, grid, x.device)
+        block = self.compiled_block if self.compiled_block and self.compiled_block.fits(x.shape[1], chunk) \
+            else block_forward
         for i in range(cfg.num_layers):
-            x = block_forward(x, e0, context, rope, weights(i), cfg, chunk)
+            x = block(x, e0, context, rope, weights(i), cfg, chunk)
         shift, scale = (self.head.modulation.float() + e[:, None]).chunk(2, dim=1)
         head_w, head_b = self.head.head.weight.float(), self.head.head.bias.float()
         out = torch.cat([F.linear(modulate(x[:, s], shift, scale, cfg.eps), head_w, head_b)

@@ -169,3 +169,18 @@ def open_engine(path: str | Path, capability: tuple[int, int] | None | str = "th
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{root / MANIFEST}: bad variant: {e}") from None
     return Engine(root, manifest, variant)
+
+
+class CompiledBlock:
+    """block_forward's stand-in for WanDiT.denoise: an engine's AOTInductor package of the block (weights as inputs,
+    export/inductor_backend.py), used for the token count it was compiled for and whole-sequence plans."""
+
+    def __init__(self, root: Path, entry: dict):
+        self.runner = torch._inductor.aoti_load_package(str(root / entry["file"]))
+        self.tokens, self.names = entry["tokens"], entry["weights"]
+
+    def fits(self, tokens: int, chunk: int | None) -> bool:
+        return tokens == self.tokens and chunk is None
+
+    def __call__(self, x, e0, context, rope, w, cfg, chunk=None):
+        return self.runner(x, e0, context, rope[0], rope[1], *(w[n] for n in self.names))

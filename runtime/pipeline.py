@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .dit import WanDiT, keeps_fp32, pad_context
-from .engine import is_engine, open_engine
+from .engine import CompiledBlock, is_engine, open_engine
 from ..quant.formats import quantize_block
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
@@ -154,6 +154,7 @@ class WanPipeline:
         ram = self.ram_budget
         dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
+        self.dit.compiled_block = self._compiled_block()
         self.dit_store, ram = _store(dit_blocks, self.dit, self._dit_dtype, ram)
         text_rest, text_blocks = split_blocks(ckpt.text_state(mmap=True), v.text.num_layers)
         self.text_encoder = _shell(UMT5Encoder, v.text, text_rest, self.dtype)
@@ -168,6 +169,13 @@ class WanPipeline:
     @property
     def variant(self):
         return self.ckpt.variant
+
+    def _compiled_block(self):
+        """An engine's compiled block for this device (none: the eager block runs)."""
+        entry = getattr(self.ckpt, "manifest", {}).get("backends", {}).get("inductor")
+        if entry is None or entry["device"] != self.device.type:
+            return None
+        return CompiledBlock(self.ckpt.root, entry)
 
     def _dit_dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
         """A DiT block tensor's dtype in memory: quantized weights and their scales as stored (an engine's scheme),

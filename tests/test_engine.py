@@ -137,3 +137,46 @@ def test_export_is_atomic(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(E, "_save", real_save)
     with pytest.raises(ValueError, match="not an engine"):
         export_engine(checkpoints["t2v", "official"], tmp_path / "notes", progress=False)
+
+
+# --- compiled backends ---------------------------------------------------------------------------------------------
+
+def test_onnx_backend_is_validated_with_onnxruntime_and_hashed(checkpoints, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = export_engine(checkpoints["t2v", "official"], tmp_path / "e", backends=("onnx",), latents=(2, 4, 6),
+                        progress=False)
+    engine = open_engine(out)
+    onnx = engine.manifest["backends"]["onnx"]
+    assert onnx["tokens"] == 2 * 2 * 3 and onnx["rel_err_vs_torch"] <= 1e-3
+    assert onnx["file"] in engine.manifest["files"] and engine.manifest["gpu_capability"] is None
+
+
+def test_backend_requests_that_cannot_be_met_fail_before_writing(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="bf16"):
+        export_engine(checkpoints["t2v", "official"], tmp_path / "q", "fp8", backends=("onnx",), progress=False)
+    with pytest.raises(ValueError, match="unknown backends"):
+        export_engine(checkpoints["t2v", "official"], tmp_path / "u", backends=("inductr",), progress=False)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="TensorRT"):
+            export_engine(checkpoints["t2v", "official"], tmp_path / "t", backends=("tensorrt",), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inductor_engine_runs_its_compiled_block(checkpoints, reference, tmp_path):
+    """An AOTInductor package of the block (compiled at export, here for the CPU) replaces the eager block when the
+    request has its token count and the plan keeps all tokens together; the frames stay those of the checkpoint."""
+    out = export_engine(checkpoints["t2v", "official"], tmp_path / "e", backends=("inductor",), latents=(2, 4, 4),
+                        progress=False)
+    entry = open_engine(out).manifest["backends"]["inductor"]
+    assert entry["device"] == "cpu" and entry["rel_err_vs_eager"] <= 1e-4
+    pipe = wanrt.load(out, device="cpu")
+    calls = []
+    block = pipe.dit.compiled_block
+    pipe.dit.compiled_block = type("Counting", (), {"fits": block.fits, "__call__": lambda self, *a: (
+        calls.append(1), block(*a))[1]})()
+    frames = pipe.generate(PROMPT, **REQUEST).frames
+    assert len(calls) == 2 * REQUEST["sample_steps"] * pipe.variant.dit.num_layers  # every block, both CFG passes
+    diff = np.abs(frames.astype(int) - reference)
+    assert diff.max() <= 1 and diff.mean() < 1e-2
