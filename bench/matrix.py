@@ -166,7 +166,7 @@ class Bench:
     def wanrt_row(self, pipe: WanPipeline, attention: str, budget: int | None) -> dict:
         a, dev = self.args, self.device
         row = {"engine": "wanrt", "setting": setting_name(budget), "budget_gib": None if budget is None else budget / GiB,
-               "scheme": "bf16", "attention": attention, "backend": "eager", "phases": {}, "error": None}
+               "scheme": pipe.variant.dit.quant, "attention": attention, "backend": "eager", "phases": {}, "error": None}
         pipe.vram_budget = default_vram_budget(dev) if budget is None else budget
         try:
             plan = pipe.plan(self.lat, a.steps)
@@ -337,10 +337,10 @@ def pipe_dtype(device: torch.device) -> torch.dtype:
 def run_bench(args) -> dict:
     """Entry point of `wanrt bench` (flags in runtime/cli.py)."""
     from wanrt.bench.random_source import RandomSource
-    from wanrt.runtime.checkpoint import open_checkpoint
+    from wanrt.runtime.pipeline import open_source
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:  # the allocator's cap needs an index
         device = torch.device("cuda", torch.cuda.current_device())
-    source = open_checkpoint(args.model) if args.model else RandomSource(args.variant, pipe_dtype(device))
+    source = open_source(args.model) if args.model else RandomSource(args.variant, pipe_dtype(device))
     return Bench(args, source, device).run()

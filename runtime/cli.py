@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency and memory per phase and VRAM budget, with peers in the same run")
     b.add_argument("--variant", default="t2v-1.3B", help="with random weights (no --model); default t2v-1.3B")
-    b.add_argument("--model", help="a checkpoint directory instead of random weights")
+    b.add_argument("--model", help="a checkpoint or engine directory instead of random weights (an engine's scheme "
+                   "is benchmarked as exported)")
     b.add_argument("--size", help="width*height (default: the variant's first size)")
     b.add_argument("--frame_num", type=int, default=81)
     b.add_argument("--steps", type=int, default=4, help="denoising steps of the whole-generation row")

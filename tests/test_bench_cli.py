@@ -47,3 +47,17 @@ def test_link_padding_makes_copies_take_bytes_over_rate():
     assert link.padding(10**9) == pytest.approx(0.5 - 0.125)
     link.native = 1e9  # the real link is already slower: nothing to add
     assert link.padding(10**9) == 0
+
+
+def test_bench_an_engine(checkpoints, tmp_path):
+    """--model takes an engine: its quantized scheme is what gets measured."""
+    from wanrt.export.engine import export_engine
+
+    engine = export_engine(checkpoints["t2v", "official"], tmp_path / "engine", "int8", progress=False)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(engine), "--size", "32*32", "--frame_num", "5", "--steps", "1",
+                 "--budgets", "resident", "--runs", "1", "--warmup", "0", "--device", "cpu", "--out", str(out),
+                 "--no-plots", "--no-peers"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    validate(report)
+    assert report["rows"][0]["scheme"] == "int8" and report["rows"][0]["error"] is None
