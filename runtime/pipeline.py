@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..quant.formats import quantize_block
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import CompiledBlock, is_engine, open_engine
-from ..quant.formats import quantize_block
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -389,7 +389,7 @@ def i2v_latent_size(hw: tuple[int, int], max_area: int, stride, patch) -> tuple[
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          vram_budget: int | None = None, ram_budget: int | None = None,
          vae_dtype: torch.dtype | None = None) -> WanPipeline:
-    """`wanrt.load(checkpoint_dir)`: open an official or diffusers Wan2.1 checkpoint and build its pipeline.
+    """`wanrt.load(dir)`: open an official or diffusers Wan2.1 checkpoint, or an engine, and build its pipeline.
     Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is available minus 2 GiB."""
     return WanPipeline(open_source(path), device, dtype, vram_budget, ram_budget, vae_dtype)
 

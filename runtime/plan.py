@@ -25,13 +25,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from ..quant.formats import quantize_block
 from .clip import CLIPVision
 from .config import Variant
 from .dit import WanDiT, rope_tables
 from .stream import BlockLayout
 from .text import UMT5Encoder
 from .vae import CausalCache, WanVAE, tile_overlap, tile_spans
-from ..quant.formats import quantize_block
 
 GiB = 2**30
 MiB = 2**20
@@ -42,6 +42,8 @@ def usable(budget: int) -> int:
     """The part of a budget a plan may fill: the caching allocator holds freed blocks it cannot reuse for the next
     request's size (measured 70-140 MiB at 1 GiB on an H100 with expandable segments), so keep 1/16 + 32 MiB free."""
     return budget - budget // 16 - 32 * MiB
+
+
 # The VAE's causal caches outlive each frame's transients, and the caching allocator cannot always fit the next
 # frame's tensors into the holes they leave: in whole generations on an H100 a decode's max reserved memory was
 # 1.21-1.25x its max allocated (the DiT's: 1.01-1.02x). Its phases are priced at what the allocator will reserve.
