@@ -163,22 +163,30 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
         h = norm_modulate(x[:, s], eps, shift_sa, scale_sa, out_dtype=act)
         y = attention(qk(h, w, "self_attn", "q", (cos[s], sin[s]), cfg), k, v, cfg.attention)
         y = linear(y, w, "self_attn.o", cfg)
+        x = _writable(x)
         h = norm_modulate(x[:, s], eps, weight=norm3[0], bias=norm3[1], residual=y, gate=gate_sa, out_dtype=act)
         q = qk(h, w, "cross_attn", "q", None, cfg)
         y = attention(q, ck, cv)  # 512 (+257) keys: SDPA
         if cfg.model_type == "i2v":
             y = y + attention(q, ck_img, cv_img)
         y = linear(y, w, "cross_attn.o", cfg)
+        x = _writable(x)
         h = norm_modulate(x[:, s], eps, shift_ff, scale_ff, residual=y, out_dtype=act)
         del y, q
         # Feed-forward in pieces of FFN_TOKENS: its [tokens, ffn_dim] hidden state is the block's largest activation,
         # and splitting it costs almost nothing, so larger chunks fit the same budget.
+        x = _writable(x)
         xs = x[:, s]
         for f in spans(xs.shape[1], FFN_TOKENS):
             hidden = linear(token_slice(h, f), w, "ffn.0", cfg, gelu=True)
             xs[:, f].addcmul_(linear(hidden, w, "ffn.2", cfg), gate_ff)
             del hidden
     return x
+
+
+def _writable(x: torch.Tensor) -> torch.Tensor:
+    """x, to be updated in place; under autograd (training) a copy, since backward still needs the old values."""
+    return x.clone() if torch.is_grad_enabled() and x.requires_grad else x
 
 
 def token_slice(h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], f: slice):
