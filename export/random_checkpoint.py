@@ -59,19 +59,27 @@ def random_states(variant: Variant, seed: int) -> dict[str, dict[str, torch.Tens
 
 
 def write_official(out: str | Path, variant: Variant, states: dict[str, dict[str, torch.Tensor]],
-                   tokenizer_dir: Path | None = None) -> Path:
-    """Write `states` (official names) in the official Wan2.1 file layout."""
+                   tokenizer_dir: Path | None = None, safetensors: bool = False) -> Path:
+    """Write `states` (official names) in the official Wan2.1 file layout; with `safetensors`, the VAE and text
+    encoder too are safetensors files of the official stems (what the readers accept from small models of ours), and
+    the variant's name, sizes and sampling defaults go into config.json."""
     with atomic_dir(out) as tmp:
         config = {"_class_name": "WanModel", **_jsonable(dataclasses.asdict(variant.dit))}
         extra = {name: _jsonable(dataclasses.asdict(cfg)) for name, cfg, default in
                  (("vae", variant.vae, VAEConfig()), ("text", variant.text, TextConfig()),
                   ("clip", variant.clip, CLIPConfig())) if cfg is not None and cfg != default}
+        if safetensors:
+            extra["variant"] = {"name": variant.name, "sizes": list(variant.sizes),
+                                "sample_steps": variant.sample_steps, "sample_shift": variant.sample_shift}
         if extra:
             config["wanrt"] = extra  # only non-standard (tiny) models need this; real checkpoints have none
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(_contiguous(states["dit"]), tmp / OFFICIAL_FILES["dit"])
-        torch.save(states["vae"], tmp / OFFICIAL_FILES["vae"])
-        torch.save(states["text"], tmp / OFFICIAL_FILES["text"])
+        for part in ("vae", "text"):
+            if safetensors:
+                save_file(_contiguous(states[part]), tmp / Path(OFFICIAL_FILES[part]).with_suffix(".safetensors"))
+            else:
+                torch.save(states[part], tmp / OFFICIAL_FILES[part])
         if "clip" in states:  # the official file holds the whole CLIP model; its vision tower sits under `visual.`
             torch.save({f"visual.{k}": v for k, v in states["clip"].items()}, tmp / OFFICIAL_FILES["clip"])
         tok = tmp / OFFICIAL_FILES["tokenizer"]

@@ -112,3 +112,16 @@ def check(video: np.ndarray, colour: str, motion: str, min_travel: float = 0.1) 
     slope = np.polyfit(frames, centroid, 1)[0] * (len(v) - 1) / v.shape[2]  # travel over the clip, in frame widths
     travel = float(np.dot(slope, MOTIONS[motion]))
     return travel >= min_travel, f"moved {travel:+.2f} of the frame {motion.split()[1]}"
+
+
+def evaluate(pipe, seeds=range(20), steps: int = 20, shift: float = 3.0, guide: float = 5.0) -> dict:
+    """Generate one video per seed for the prompt of that seed's scene and check each: the pass rate and per-seed
+    (prompt, ok, why). `pipe` is a WanPipeline of a model trained on these scenes."""
+    results = []
+    for seed in seeds:
+        scene = random_scene(np.random.default_rng(10_000 + seed))  # prompts apart from the training stream's
+        video = pipe.generate(scene.prompt, size="64*64", frame_num=17, sample_steps=steps, sample_shift=shift,
+                              sample_guide_scale=guide, base_seed=seed, progress=False).frames
+        ok, why = check(video, scene.colour, scene.motion)
+        results.append({"seed": seed, "prompt": scene.prompt, "ok": bool(ok), "why": why})
+    return {"pass_rate": sum(r["ok"] for r in results) / len(results), "results": results}

@@ -49,7 +49,8 @@ def demo_variant(dim: int = 128, layers: int = 4, vae_dim: int = 16, text_dim: i
     text = dataclasses.replace(base.text, dim=text_dim, dim_attn=text_dim, dim_ffn=2 * text_dim, num_heads=2,
                                num_layers=2, text_len=64)
     vae = dataclasses.replace(base.vae, dim=vae_dim)
-    return dataclasses.replace(base, name="demo-t2v", dit=dit, text=text, vae=vae, sizes=(f"{SIZE}*{SIZE}",))
+    return dataclasses.replace(base, name="demo-t2v", dit=dit, text=text, vae=vae, sizes=(f"{SIZE}*{SIZE}",),
+                               sample_steps=20, sample_shift=SHIFT)
 
 
 def batch(rng: np.random.Generator, n: int, device) -> tuple[torch.Tensor, list[str]]:
@@ -148,7 +149,7 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
         train_dit(dit, text, vae, tokenizer, dit_steps, rng, device, log)
     states = {name: {k: t.detach().cpu().contiguous() for k, t in m.state_dict().items()}
               for name, m in (("dit", dit), ("vae", vae), ("text", text))}
-    path = write_official(out, v, states, tok_dir)
+    path = write_official(out, v, states, tok_dir, safetensors=True)
     shutil.rmtree(tok_dir)  # copied into the checkpoint
     settings = {"seed": seed, "vae_steps": vae_steps, "dit_steps": dit_steps, "frames": FRAMES, "size": SIZE,
                 "shift": SHIFT, "device": device, "seconds": round(time.perf_counter() - start, 1),

@@ -200,7 +200,12 @@ def _official_variant(root: Path) -> Variant:
         clip = CLIPConfig(**extra.get("clip", {})) if dit.model_type == "i2v" else None
     except TypeError as e:
         raise CheckpointError(f"{root / 'config.json'}: {e}") from None
-    return _named_variant(dit, vae, text, clip)
+    v = _named_variant(dit, vae, text, clip)
+    own = extra.get("variant")  # a small model of our own names itself and its sizes and defaults
+    if v.name == "custom" and own:
+        v = dataclasses.replace(v, name=own["name"], sizes=tuple(own["sizes"]), sample_steps=own["sample_steps"],
+                                sample_shift=own["sample_shift"])
+    return v
 
 
 def _tuples(d: dict) -> dict:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..quant.formats import quantize_block
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
+from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import CompiledBlock, is_engine, open_engine
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
@@ -225,7 +226,10 @@ class WanPipeline:
                  progress: bool = True) -> Video:
         v = self.variant
         size, steps, img, lat = self._request(size, frame_num, sample_steps, image)
-        shift = sample_shift if sample_shift is not None else default_shift(v.task, size)
+        if sample_shift is not None:
+            shift = sample_shift
+        else:  # the official rule for Wan's variants; a model of our own carries its training shift
+            shift = default_shift(v.task, size) if v.name in VARIANTS else v.sample_shift
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
         plan = self.plan(lat, steps)  # before any GPU work: refuses here if the budget cannot fit

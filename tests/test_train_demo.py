@@ -16,8 +16,10 @@ def test_training_runs_and_writes_a_loadable_checkpoint(tmp_path):
     assert all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in log["log"])
     assert log["settings"]["seed"] == 0 and list(tmp_path.iterdir()) == [out]  # no temporary folder left
     pipe = wanrt.load(out, device="cpu")
-    video = pipe.generate("a red circle moves right on a blue background", size="64*64", frame_num=17,
-                          sample_steps=2, base_seed=0, progress=False)
+    assert pipe.variant.name == "demo-t2v" and pipe.variant.sizes == ("64*64",)  # named by its config.json
+    assert not list(out.rglob("*.pth"))  # safetensors only: nothing to unpickle
+    video = pipe.generate("a red circle moves right on a blue background", frame_num=17, sample_steps=2,
+                          base_seed=0, progress=False)
     assert video.frames.shape == (17, 64, 64, 3)
     again = train(tmp_path / "again", vae_steps=2, dit_steps=2, seed=0, variant=variant)
     assert json.loads((again / "train_log.json").read_text())["log"] == log["log"]  # reproducible from its seed
