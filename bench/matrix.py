@@ -128,7 +128,7 @@ class Bench:
         self.link = LinkEmulator(args.link_gbps, device) if args.link_gbps else None
         if device.type == "cuda":
             self.report["peaks"] = {**measured_peaks(device), "h2d_gbps": round(h2d_rate(device) / 1e9, 1)}
-        self.flops = phase_flops(v, self.lat)
+        self.flops = phase_flops(v, self.lat) if self.report["peaks"] else {}  # only the roofline (GPU) uses them
         self.reference: dict[str, torch.Tensor] = {}  # wanrt's outputs that the peers are compared with
 
     # -- output
