@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -43,11 +44,17 @@ def peaks() -> dict:
 
 
 def time_it(fn, warmup: int = 1, runs: int = 3) -> dict:
-    """Median and spread of `runs` timed calls after `warmup` calls, with CUDA events (milliseconds)."""
+    """Median and spread of `runs` timed calls after `warmup` calls, in milliseconds: CUDA events on a GPU,
+    the wall clock elsewhere."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        if not torch.cuda.is_available():
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -10,16 +10,23 @@ negative prompt 10% of the time so classifier-free guidance works. Everything ru
 references (the fused kernels have no backward). The result is an official-layout checkpoint (config.json with the
 small configs, weights, tokenizer) with train_log.json: the settings and every step's loss.
 
-Status: tested for a few steps on the CPU (tests/test_train_demo.py); the shipped model's training run, on a GPU, is
-still to be done.
+Videos are drawn by worker processes, each batch from (seed, stage, step) alone; both stages warm up their learning
+rate and decay it on a cosine, and the DiT and text encoder are shipped as their exponential moving averages.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import functools
 import json
+import math
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +60,38 @@ def demo_variant(dim: int = 128, layers: int = 4, vae_dim: int = 16, text_dim: i
                                sample_steps=20, sample_shift=SHIFT)
 
 
-def batch(rng: np.random.Generator, n: int, device) -> tuple[torch.Tensor, list[str]]:
-    """n videos [n, 3, F, H, W] in [-1, 1] and their prompts."""
+def render_batch(seed: int, stage: str, step: int, n: int) -> tuple[np.ndarray, list[str]]:
+    """Batch `step` of a stage: n uint8 videos [n, F, H, W, 3] and their prompts, a pure function of its arguments
+    (so worker processes can draw batches in any order and training stays reproducible)."""
+    rng = np.random.default_rng([seed, ("vae", "dit", "stats").index(stage), step])
     scenes = [random_scene(rng) for _ in range(n)]
-    videos = np.stack([render(s, FRAMES, SIZE, int(rng.integers(2**31))) for s in scenes])
-    x = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
-    return x.to(device), [s.prompt for s in scenes]
+    return np.stack([render(s, FRAMES, SIZE, int(rng.integers(2**31))) for s in scenes]), [s.prompt for s in scenes]
+
+
+@contextmanager
+def batches(seed: int, stage: str, steps: int, n: int, workers: int):
+    """The stage's batches in order, drawn ahead by `workers` processes (0: in this process), at most a few per
+    worker in flight so memory stays bounded."""
+    draw = functools.partial(render_batch, seed, stage, n=n)
+    if workers == 0:
+        yield map(draw, range(steps))
+        return
+
+    def ahead(pool):
+        pending = collections.deque(pool.submit(draw, i) for i in range(min(steps, 4 * workers)))
+        for i in range(len(pending), steps + len(pending)):
+            done = pending.popleft().result()
+            if i < steps:
+                pending.append(pool.submit(draw, i))
+            yield done
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield ahead(pool)
+
+
+def to_tensor(videos: np.ndarray, device) -> torch.Tensor:
+    """uint8 [n, F, H, W, 3] -> [n, 3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(videos).to(device).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
 
 
 def encode_moments(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +106,35 @@ def decode(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.decode_step(z[:, :, i:i + 1], cache) for i in range(z.shape[2])], 2)
 
 
-def train_vae(vae: WanVAE, steps: int, rng, device, log: list, batch_size: int = 8, lr: float = 2e-3) -> None:
+def schedule(opt: torch.optim.Optimizer, steps: int, warmup: int = 200) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then a cosine decay to a tenth of the peak rate."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Progress:
+    """Every `every` steps, one line with the mean loss since the last one and the rate (training runs unattended)."""
+
+    def __init__(self, stage: str, steps: int, every: int = 250):
+        self.stage, self.steps, self.every, self.start, self.losses = stage, steps, every, time.perf_counter(), []
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+            rate = (step + 1) / (time.perf_counter() - self.start)
+            print(f"{self.stage} {step + 1}/{self.steps} loss {np.mean(self.losses):.4f} ({rate:.1f} steps/s)",
+                  flush=True)
+            self.losses = []
+
+
+def train_vae(vae: WanVAE, data, steps: int, device, log: list, lr: float = 2e-3) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    for step in range(steps):
-        video, _ = batch(rng, batch_size, device)
+    sched, progress = schedule(opt, steps), Progress("vae", steps)
+    for step, (videos, _) in zip(range(steps), data):
+        video = to_tensor(videos, device)
         mu, logvar = encode_moments(vae, video)
         recon = decode(vae, mu + torch.randn_like(mu) * (0.5 * logvar).exp())
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
@@ -84,13 +142,15 @@ def train_vae(vae: WanVAE, steps: int, rng, device, log: list, batch_size: int =
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         log.append({"stage": "vae", "step": step, "loss": round(loss.item(), 5), "kl": round(kl.item(), 4)})
+        progress(step, log[-1]["loss"])
 
 
 @torch.no_grad()
-def latent_stats(vae: WanVAE, rng, device, batches: int = 8) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def latent_stats(vae: WanVAE, data, device) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of mu over training videos (the config's latents_mean / latents_std)."""
-    mu = torch.cat([encode_moments(vae, batch(rng, 8, device)[0])[0] for _ in range(batches)])
+    mu = torch.cat([encode_moments(vae, to_tensor(videos, device))[0] for videos, _ in data])
     mu = mu.transpose(0, 1).flatten(1)
     return (tuple(round(v, 4) for v in mu.mean(1).tolist()),
             tuple(round(v, 4) for v in mu.std(1).clamp_min(1e-3).tolist()))
@@ -103,57 +163,92 @@ def context(text: UMT5Encoder, tokenizer: Tokenizer, prompts: list[str], device)
     return text(ids, mask) * mask[..., None]
 
 
-def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer, steps: int, rng, device, log: list,
-              batch_size: int = 8, lr: float = 5e-4, uncond: float = 0.1) -> None:
+class EMA:
+    """An exponential moving average of parameters (what is shipped: it samples better than the last step's
+    weights), with the usual warm-up of its decay so short runs average over what they have."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float = 0.999):
+        self.params, self.decay, self.steps = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer, data, steps: int, device, log: list,
+              g: torch.Generator, lr: float = 1e-3, uncond: float = 0.1) -> None:
+    """Flow matching; the EMA weights end up in `dit` and `text`."""
     params = [*dit.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched, progress, ema = schedule(opt, steps), Progress("dit", steps), EMA(params)
     neg = default_neg_prompt("t2v")
     mean = torch.tensor(vae.cfg.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.cfg.latents_std, device=device).view(1, -1, 1, 1, 1)
-    for step in range(steps):
-        video, prompts = batch(rng, batch_size, device)
-        prompts = [neg if rng.random() < uncond else p for p in prompts]
+    for step, (videos, prompts) in zip(range(steps), data):
+        n = len(prompts)
+        drop = torch.rand(n, generator=g) < uncond
+        prompts = [neg if d else p for d, p in zip(drop.tolist(), prompts)]
         with torch.no_grad():
-            x0 = (encode_moments(vae, video)[0] - mean) / std  # normalised mu: the pipeline's latents
-        u = torch.from_numpy(rng.uniform(0, 1, batch_size)).float().to(device)
-        s = (SHIFT * u / (1 + (SHIFT - 1) * u)).view(-1, 1, 1, 1, 1)  # the inference schedule's shift
-        noise = torch.randn_like(x0)
+            x0 = (encode_moments(vae, to_tensor(videos, device))[0] - mean) / std  # normalised mu: the pipeline's latents
+        u = torch.rand(n, generator=g)
+        s = (SHIFT * u / (1 + (SHIFT - 1) * u)).to(device).view(-1, 1, 1, 1, 1)  # the inference schedule's shift
+        noise = torch.randn(x0.shape, generator=g).to(device)
         v = dit((1 - s) * x0 + s * noise, s.flatten() * 1000, context(text, tokenizer, prompts, device))
         loss = F.mse_loss(v, noise - x0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
+        ema.update()
         log.append({"stage": "dit", "step": step, "loss": round(loss.item(), 5)})
+        progress(step, log[-1]["loss"])
+    ema.copy_to_params()
 
 
 def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device: str = "cpu",
-          variant: Variant | None = None) -> Path:
-    """Train both stages and write the checkpoint to `out` (atomically); returns its path."""
+          variant: Variant | None = None, batch_size: int = 32, workers: int = 0) -> Path:
+    """Train both stages and write the checkpoint to `out` (atomically); returns its path. The result depends on the
+    seed, the settings and the device, not on `workers`."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
     v = variant or demo_variant()
     start = time.perf_counter()
+    seconds = {}
     log: list[dict] = []
     out = Path(out)
     tok_dir = write_tiny_tokenizer(out.parent / f".{out.name}.tokenizer", v.text.vocab)
     tokenizer = Tokenizer(tok_dir, v.text.text_len)
     with reference_only():
         vae = WanVAE(v.vae).to(device)
-        train_vae(vae, vae_steps, rng, device, log)
+        with batches(seed, "vae", vae_steps, batch_size, workers) as data:
+            train_vae(vae, data, vae_steps, device, log)
         vae.eval()
-        mean, std = latent_stats(vae, rng, device)
+        with batches(seed, "stats", 8, batch_size, 0) as data:
+            mean, std = latent_stats(vae, data, device)
         v = dataclasses.replace(v, vae=dataclasses.replace(v.vae, latents_mean=mean, latents_std=std))
         vae.cfg = v.vae
+        seconds["vae"] = round(time.perf_counter() - start, 1)
         dit, text = WanDiT(v.dit).to(device), UMT5Encoder(v.text).to(device)
-        train_dit(dit, text, vae, tokenizer, dit_steps, rng, device, log)
+        with batches(seed, "dit", dit_steps, batch_size, workers) as data:
+            train_dit(dit, text, vae, tokenizer, data, dit_steps, device, log, g)
+        seconds["dit"] = round(time.perf_counter() - start - seconds["vae"], 1)
     states = {name: {k: t.detach().cpu().contiguous() for k, t in m.state_dict().items()}
               for name, m in (("dit", dit), ("vae", vae), ("text", text))}
     path = write_official(out, v, states, tok_dir, safetensors=True)
     shutil.rmtree(tok_dir)  # copied into the checkpoint
-    settings = {"seed": seed, "vae_steps": vae_steps, "dit_steps": dit_steps, "frames": FRAMES, "size": SIZE,
-                "shift": SHIFT, "device": device, "seconds": round(time.perf_counter() - start, 1),
-                "torch": torch.__version__}
+    settings = {"seed": seed, "vae_steps": vae_steps, "dit_steps": dit_steps, "batch_size": batch_size,
+                "frames": FRAMES, "size": SIZE, "shift": SHIFT, "device": device,
+                "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
+                "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)}, "torch": torch.__version__}
     (path / "train_log.json").write_text(json.dumps({"settings": settings, "log": log}, indent=1))
     return path
 
@@ -162,11 +257,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--dit-steps", type=int, default=6000)
+    p.add_argument("--dit-steps", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes drawing the videos")
     a = p.parse_args()
-    print(f"wrote {train(a.out, a.vae_steps, a.dit_steps, a.seed, a.device)}")
+    print(f"wrote {train(a.out, a.vae_steps, a.dit_steps, a.seed, a.device, batch_size=a.batch_size, workers=a.workers)}")
 
 
 if __name__ == "__main__":
