@@ -116,18 +116,18 @@ def schedule(opt: torch.optim.Optimizer, steps: int, warmup: int = 200) -> torch
 
 
 class Progress:
-    """Every `every` steps, one line with the mean loss since the last one and the rate (training runs unattended)."""
+    """Every `every` steps, one line with the mean loss and the rate since the last line (training runs unattended)."""
 
-    def __init__(self, stage: str, steps: int, every: int = 250):
-        self.stage, self.steps, self.every, self.start, self.losses = stage, steps, every, time.perf_counter(), []
+    def __init__(self, stage: str, steps: int, every: int = 50):
+        self.stage, self.steps, self.every, self.last, self.losses = stage, steps, every, time.perf_counter(), []
 
     def __call__(self, step: int, loss: float) -> None:
         self.losses.append(loss)
         if (step + 1) % self.every == 0 or step + 1 == self.steps:
-            rate = (step + 1) / (time.perf_counter() - self.start)
-            print(f"{self.stage} {step + 1}/{self.steps} loss {np.mean(self.losses):.4f} ({rate:.1f} steps/s)",
-                  flush=True)
-            self.losses = []
+            now = time.perf_counter()
+            print(f"{self.stage} {step + 1}/{self.steps} loss {np.mean(self.losses):.4f} "
+                  f"({len(self.losses) / (now - self.last):.1f} steps/s)", flush=True)
+            self.last, self.losses = now, []
 
 
 def train_vae(vae: WanVAE, data, steps: int, device, log: list, lr: float = 2e-3) -> None:
@@ -219,6 +219,7 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
     """Train both stages and write the checkpoint to `out` (atomically); returns its path. The result depends on the
     seed, the settings and the device, not on `workers`."""
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = True  # the VAE's convolutions see a few fixed shapes
     g = torch.Generator().manual_seed(seed)
     v = variant or demo_variant()
     start = time.perf_counter()
