@@ -2,6 +2,7 @@
 kind of tampering refused with a clear error before any model is built."""
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +179,16 @@ def test_inductor_engine_runs_its_compiled_block(checkpoints, reference, tmp_pat
     assert len(calls) == 2 * REQUEST["sample_steps"] * pipe.variant.dit.num_layers  # every block, both CFG passes
     diff = np.abs(frames.astype(int) - reference)
     assert diff.max() <= 1 and diff.mean() < 1e-2
+
+
+def test_inductor_export_survives_a_crashing_package_loader(checkpoints, tmp_path, monkeypatch):
+    """AOTInductor's loader can segfault (it does on an H100 with torch 2.11 + CUDA 13.0): the package is validated in
+    a fresh process, so export fails with a clear error naming the signal, and no engine is written."""
+    from wanrt.export import inductor_backend
+
+    monkeypatch.setattr(inductor_backend, "child_command", lambda *a: [
+        sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    with pytest.raises(RuntimeError, match="killed by SIGSEGV.*Export without"):
+        export_engine(checkpoints["t2v", "official"], tmp_path / "e", backends=("inductor",), latents=(2, 4, 4),
+                      progress=False)
+    assert list(tmp_path.iterdir()) == []
