@@ -1,12 +1,12 @@
 """The demo model's semantic check under every engine scheme, memory plan and attention kernel (a GPU script).
 
-    python -m wanrt.bench.demo_check --out bench/results/demo_check_h100 [--model DIR]
+    python -m wanrt.bench.demo_check --model DIR --out bench/results/demo_check_h100
 
-The shipped demo model (or --model) is exported once per scheme; each engine generates the 20 fixed prompts and
+The demo model (a checkpoint written by `python -m wanrt.export.train_demo`) is exported once per scheme; each engine generates the 20 fixed prompts and
 seeds of `wanrt.export.synthetic.evaluate` (the bf16 engine with each attention kernel this GPU supports, the others
-with SDPA), planned for the default
-budget (everything resident: the model is tiny) and with every streaming path forced (blocks through two slots,
-chunked tokens, one prompt at a time, tiled decode). A row passes at >= 90% of its videos.
+with SDPA), planned for the default budget (everything resident: the model is tiny) and with every streaming path
+forced (blocks through two slots, chunked tokens, one prompt at a time, tiled decode). A row passes at >= 90% of its
+videos.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from wanrt.export.engine import export_engine
 from wanrt.export.synthetic import evaluate
 from wanrt.kernels.attention import MIN_CAPABILITY
 from wanrt.quant.formats import SCHEMES
-from wanrt.runtime.demo import DEMO_MODEL
 from wanrt.runtime.engine import open_engine
 from wanrt.runtime.pipeline import WanPipeline
 from wanrt.runtime.plan import PhasePlan, Plan
@@ -81,14 +80,14 @@ def markdown(report: dict) -> str:
              "| scheme | attention | plan | pass rate | s | denoise phase |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         mark = "" if r["pass_rate"] >= PASS_RATE else " (below 90%)"
-        lines.append(f"| {r['scheme']} | {r['attention']} | {r['setting']} | {r['pass_rate']:.0%}{mark} | {r['seconds']} | "
-                     f"{r['plan']} |")
+        lines.append(f"| {r['scheme']} | {r['attention']} | {r['setting']} | {r['pass_rate']:.0%}{mark} | "
+                     f"{r['seconds']} | {r['plan']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=DEMO_MODEL)
+    p.add_argument("--model", type=Path, required=True, help="the demo model's checkpoint directory")
     p.add_argument("--out", type=Path, default=Path("bench/results/demo_check"))
     a = p.parse_args()
     report = run(a.model, a.out)

@@ -1,4 +1,4 @@
-"""Export benchmarks on the GPU: what `wanrt export` costs and what its inductor engine gains (t2v-1.3B, random weights).
+"""Export benchmarks on the GPU: what `wanrt export` costs and what its inductor engine gains (random weights).
 
     python -m wanrt.bench.export_bench --work /tmp/wanrt-export --out bench/results/export_h100
 
@@ -39,7 +39,8 @@ def _engine_size(root: Path) -> dict:
     for rel, f in files.items():
         part = rel.split("/")[0]
         parts[part] = parts.get(part, 0) + f["bytes"]
-    return {"total_gib": round(sum(parts.values()) / GiB, 3), **{f"{k}_gib": round(v / GiB, 3) for k, v in parts.items()}}
+    gib = {f"{k}_gib": round(v / GiB, 3) for k, v in parts.items()}
+    return {"total_gib": round(sum(parts.values()) / GiB, 3), **gib, **{f"{k}_bytes": v for k, v in parts.items()}}
 
 
 def bench_export(report: dict, work: Path, device: str, save, variant: str) -> None:
@@ -74,8 +75,9 @@ def bench_export(report: dict, work: Path, device: str, save, variant: str) -> N
 
 
 def first_step(engine: str, t0: float, out: str, device: str) -> None:
-    """(In a fresh process) load `engine` and generate 81 frames at its variant's first size with one step, stopping after the denoise step;
-    write the wall-clock marks relative to `t0`, the parent's time just before it started this process."""
+    """(In a fresh process) load `engine` and generate 81 frames at its variant's first size with one step, stopping
+    after the denoise step; write the wall-clock marks relative to `t0`, the parent's time just before it started this
+    process."""
     marks = {"imported": time.time() - t0}
     from wanrt.runtime.pipeline import load
 
@@ -190,6 +192,8 @@ def markdown(report: dict) -> str:
         for name in ("inductor", "eager_ours", "eager_plain"):
             ratio = b.get(f"{name}_over_eager_ours", 1.0)
             lines.append(f"| {name} | {b[name]['median_ms']} | {ratio} | {b[name]['rel_err_vs_eager_ours']:.2e} |")
+    for name, error in report.get("errors", {}).items():
+        lines += ["", f"**{name} failed:** {error}"]
     return "\n".join(lines) + "\n"
 
 
@@ -215,12 +219,20 @@ def main() -> None:
                                                                       "triton": "-"})
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
-        report.setdefault("runs", {})[name] = {"command": " ".join(["python -m wanrt.bench.export_bench", *sys.argv[1:]]),
+        command = " ".join(["python -m wanrt.bench.export_bench", *sys.argv[1:]])
+        report.setdefault("runs", {})[name] = {"command": command,
                                                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         def save():
             write_report(report, Path(args.out), markdown(report))
 
-        SECTIONS[name](report, work, args.device, save, *([args.variant] if name == "export" else []))
+        try:
+            SECTIONS[name](report, work, args.device, save, *([args.variant] if name == "export" else []))
+            report.get("errors", {}).pop(name, None)  # an error of this section's earlier run (--merge)
+        except Exception as e:  # keep what the other sections measured; the error is part of the report
+            import traceback
+
+            traceback.print_exc()
+            report.setdefault("errors", {})[name] = str(e)
         save()
     print(markdown(report))
 

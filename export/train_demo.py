@@ -50,7 +50,8 @@ SHIFT = 3.0  # the timestep shift of training (the same at inference keeps the n
 
 
 def demo_variant(dim: int = 192, layers: int = 6, vae_dim: int = 16, text_dim: int = 64) -> Variant:
-    """The demo model: Wan2.1's architecture at small width and depth, prompts of up to 64 tokens (the default negative prompt fits)."""
+    """The demo model: Wan2.1's architecture at small width and depth, prompts of up to 64 tokens (the default
+    negative prompt fits)."""
     base = get_variant("tiny-t2v")
     dit = dataclasses.replace(base.dit, dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers,
                               text_dim=text_dim, text_len=64)
@@ -133,7 +134,8 @@ class Progress:
 
 def shape_weights(video: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
     """Per-pixel loss weights [n, 1, F, H, W]: `weight` where the shape is (far from its row's median over the clip,
-    the background), 1 elsewhere. The shape covers a few percent of the frame, but its colour is what the prompt names."""
+    the background), 1 elsewhere. The shape covers a few percent of the frame, but its colour is what the prompt
+    names."""
     n, c, f, h, w = video.shape
     background = video.permute(0, 1, 3, 2, 4).reshape(n, c, h, f * w).median(-1).values[:, :, None, :, None]
     shape = (video - background).norm(dim=1, keepdim=True) > 0.2
@@ -210,7 +212,8 @@ def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer,
         drop = torch.rand(n, generator=g) < uncond
         prompts = [neg if d else p for d, p in zip(drop.tolist(), prompts)]
         with torch.no_grad():
-            x0 = (encode_moments(vae, to_tensor(videos, device))[0] - mean) / std  # normalised mu: the pipeline's latents
+            # normalised mu: the pipeline's latents
+            x0 = (encode_moments(vae, to_tensor(videos, device))[0] - mean) / std
         u = torch.rand(n, generator=g)
         s = (SHIFT * u / (1 + (SHIFT - 1) * u)).to(device).view(-1, 1, 1, 1, 1)  # the inference schedule's shift
         noise = torch.randn(x0.shape, generator=g).to(device)
