@@ -1,6 +1,9 @@
 """Train the embedded demo model on procedural shape videos (export/synthetic.py), reproducibly from a seed:
 
     python -m wanrt.export.train_demo --out DIR [--device cuda] [--vae-steps N] [--dit-steps N]
+    # or in two processes (each under a time limit): the VAE, then the DiT and text encoder on that VAE
+    python -m wanrt.export.train_demo --out VAE_DIR --dit-steps 0
+    python -m wanrt.export.train_demo --out DIR --vae-from VAE_DIR
 
 Stage 1 trains the Wan-VAE (our WanVAE at small width) as a VAE: reconstruction plus a small KL term, through the same
 causal chunked encode and decode the runtime uses. Its latent mean and std over training videos become the config's
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from wanrt.kernels.dispatch import reference_only
+from wanrt.runtime.checkpoint import open_checkpoint
 from wanrt.runtime.config import Variant, get_variant
 from wanrt.runtime.dit import WanDiT
 from wanrt.runtime.sampler import default_neg_prompt
@@ -232,9 +236,11 @@ def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer,
 
 def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device: str = "cpu",
           variant: Variant | None = None, batch_size: int = 32, dit_batch_size: int | None = None,
-          workers: int = 0) -> Path:
+          workers: int = 0, vae_from: str | Path | None = None) -> Path:
     """Train both stages and write the checkpoint to `out` (atomically); returns its path. The result depends on the
-    seed, the settings and the device, not on `workers`."""
+    seed, the settings and the device, not on `workers`. With `vae_from` (a checkpoint this function wrote, e.g. with
+    dit_steps=0), stage 1 is skipped and its VAE and latent statistics are taken from there: the stages can run in
+    separate processes, each within a time limit."""
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = True  # the VAE's convolutions see a few fixed shapes
     g = torch.Generator().manual_seed(seed)
@@ -246,14 +252,17 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
     tok_dir = write_tiny_tokenizer(out.parent / f".{out.name}.tokenizer", v.text.vocab)
     tokenizer = Tokenizer(tok_dir, v.text.text_len)
     with reference_only():
-        vae = WanVAE(v.vae).to(device)
-        with batches(seed, "vae", vae_steps, batch_size, workers) as data:
-            train_vae(vae, data, vae_steps, device, log)
-        vae.eval()
-        with batches(seed, "stats", 8, batch_size, 0) as data:
-            mean, std = latent_stats(vae, data, device)
-        v = dataclasses.replace(v, vae=dataclasses.replace(v.vae, latents_mean=mean, latents_std=std))
-        vae.cfg = v.vae
+        if vae_from is not None:
+            vae, v = _trained_vae(vae_from, v, device)
+        else:
+            vae = WanVAE(v.vae).to(device)
+            with batches(seed, "vae", vae_steps, batch_size, workers) as data:
+                train_vae(vae, data, vae_steps, device, log)
+            vae.eval()
+            with batches(seed, "stats", 8, batch_size, 0) as data:
+                mean, std = latent_stats(vae, data, device)
+            v = dataclasses.replace(v, vae=dataclasses.replace(v.vae, latents_mean=mean, latents_std=std))
+            vae.cfg = v.vae
         seconds["vae"] = round(time.perf_counter() - start, 1)
         dit, text = WanDiT(v.dit).to(device), UMT5Encoder(v.text).to(device)
         with batches(seed, "dit", dit_steps, dit_batch_size or batch_size, workers) as data:
@@ -265,11 +274,22 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
     shutil.rmtree(tok_dir)  # copied into the checkpoint
     settings = {"seed": seed, "vae_steps": vae_steps, "dit_steps": dit_steps, "batch_size": batch_size,
                 "dit_batch_size": dit_batch_size or batch_size, "vae_frames": VAE_FRAMES,
+                "vae_from": None if vae_from is None else Path(vae_from).name,
                 "frames": FRAMES, "size": SIZE, "shift": SHIFT, "device": device,
                 "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
                 "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)}, "torch": torch.__version__}
     (path / "train_log.json").write_text(json.dumps({"settings": settings, "log": log}, indent=1))
     return path
+
+
+def _trained_vae(path: str | Path, v: Variant, device) -> tuple[WanVAE, Variant]:
+    """The VAE of a checkpoint written by `train`, and `v` with that VAE's config (its latent statistics)."""
+    ckpt = open_checkpoint(path)
+    if dataclasses.replace(ckpt.variant.vae, latents_mean=v.vae.latents_mean, latents_std=v.vae.latents_std) != v.vae:
+        raise ValueError(f"the VAE in {path} is not this variant's ({ckpt.variant.vae} vs {v.vae})")
+    vae = WanVAE(ckpt.variant.vae)
+    vae.load_state_dict(ckpt.vae_state())
+    return vae.to(device).eval(), dataclasses.replace(v, vae=ckpt.variant.vae)
 
 
 def main() -> None:
@@ -281,10 +301,11 @@ def main() -> None:
     p.add_argument("--dit-batch-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vae-from", help="a checkpoint of this script whose VAE to keep (stage 1 is skipped)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes drawing the videos")
     a = p.parse_args()
     path = train(a.out, a.vae_steps, a.dit_steps, a.seed, a.device, batch_size=a.batch_size,
-                 dit_batch_size=a.dit_batch_size, workers=a.workers)
+                 dit_batch_size=a.dit_batch_size, workers=a.workers, vae_from=a.vae_from)
     print(f"wrote {path}")
 
 

@@ -24,3 +24,17 @@ def test_training_runs_and_writes_a_loadable_checkpoint(tmp_path):
     # reproducible from its seed, however many processes draw the videos
     again = train(tmp_path / "again", vae_steps=2, dit_steps=2, seed=0, variant=variant, batch_size=2, workers=2)
     assert json.loads((again / "train_log.json").read_text())["log"] == log["log"]
+
+
+def test_the_stages_can_run_in_separate_processes(tmp_path):
+    """A VAE-only run (dit_steps=0) feeds a later DiT run through vae_from: the same VAE and latent statistics."""
+    from safetensors.torch import load_file
+
+    variant = demo_variant(dim=64, layers=2, vae_dim=8, text_dim=32)
+    first = train(tmp_path / "vae", vae_steps=2, dit_steps=0, seed=0, variant=variant, batch_size=2)
+    second = train(tmp_path / "dit", vae_steps=0, dit_steps=2, seed=0, variant=variant, batch_size=2, vae_from=first)
+    a, b = (load_file(p / "Wan2.1_VAE.safetensors") for p in (first, second))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert wanrt.load(second, device="cpu").variant.vae == wanrt.load(first, device="cpu").variant.vae
+    log = json.loads((second / "train_log.json").read_text())
+    assert [e["stage"] for e in log["log"]] == ["dit", "dit"] and log["settings"]["vae_from"] == "vae"
