@@ -1,15 +1,16 @@
-"""Export benchmarks on the GPU: what `wanrt export` costs and what its inductor engine gains (random weights).
+"""Export benchmarks on the GPU: what `wanrt export` costs and what its compiled engine gains (random weights).
 
-    python -m wanrt.bench.export_bench --work /tmp/wanrt-export --out bench/results/export_h100
+    python -m wanrt.bench.export_bench --work /tmp/wanrt-export --out bench/results/export_h100 [--backend compile]
 
 Sections (pick with --only; engines stay in --work between runs, so sections can run in separate processes):
   export   writes the checkpoint in the official layout (the released file names and formats: bf16 DiT
            safetensors, umT5 and VAE .pth), then exports it once per scheme: seconds, engine size per part and the
-           recorded fidelity. Then the bf16 engine with the inductor backend (the block compiled for 480p x 81f).
+           recorded fidelity. Then the bf16 engine with the compiled block of --backend (inductor: an AOTInductor
+           package; compile: torch.compile's cache), compiled for 480p x 81f.
   startup  from process start to the end of the first denoise step (text encoding, embedding, one CFG step), for the
-           inductor engine and the eager bf16 engine, each in a fresh process with empty Inductor and Triton caches;
+           compiled engine and the eager bf16 engine, each in a fresh process with empty Inductor and Triton caches;
            the files those caches hold afterwards show what was compiled at run time.
-  block    one DiT block at 480p x 81f (32,760 tokens): the inductor package against the eager block (our fused
+  block    one DiT block at 480p x 81f (32,760 tokens): the compiled block against the eager block (our fused
            kernels, as the pipeline runs it) and the plain-PyTorch block, on the same inputs.
 Export and load times are with the files in the page cache (the machine has RAM for them).
 """
@@ -65,11 +66,12 @@ def bench_export(report: dict, work: Path, device: str, save, variant: str) -> N
         if scheme != "bf16":  # the disk holds the checkpoint and two bf16 engines, not five engines
             shutil.rmtree(engine)
         save()
-    print("export bf16 + inductor", flush=True)
-    engine = export_engine(ckpt, work / "engine_inductor", "bf16", progress=False, backends=("inductor",))
+    backend = report["backend"]
+    print(f"export bf16 + {backend}", flush=True)
+    engine = export_engine(ckpt, work / "engine_compiled", "bf16", progress=False, backends=(backend,))
     m = json.loads((engine / "manifest.json").read_text())
-    entry = m["backends"]["inductor"]
-    out["bf16_inductor"] = {"seconds": m["export_seconds"], **_engine_size(engine), "latents": entry["latents"],
+    entry = m["backends"][backend]
+    out[f"bf16_{backend}"] = {"seconds": m["export_seconds"], **_engine_size(engine), "latents": entry["latents"],
                             "tokens": entry["tokens"], "rel_err_vs_eager": entry["rel_err_vs_eager"],
                             "gpu_capability": m["gpu_capability"]}
 
@@ -109,7 +111,7 @@ def first_step(engine: str, t0: float, out: str, device: str) -> None:
 def bench_startup(report: dict, work: Path, device: str, save, runs: int = 2) -> None:
     out = report["startup"] = {}
     for run in range(runs):
-        for name in ("inductor", "bf16"):
+        for name in ("compiled", "bf16"):
             with tempfile.TemporaryDirectory() as tmp:
                 caches = {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
                 t0 = time.time()
@@ -127,16 +129,16 @@ def bench_block(report: dict, work: Path, device: str, save, runs: int = 10) -> 
     from wanrt.kernels.dispatch import reference_only
     from wanrt.runtime.checkpoint import load_tensors
     from wanrt.runtime.dit import block_forward
-    from wanrt.runtime.engine import CompiledBlock, open_engine
+    from wanrt.runtime.engine import load_block_runner, open_engine
 
-    engine = open_engine(work / "engine_inductor")
-    entry = engine.manifest["backends"]["inductor"]
+    engine = open_engine(work / "engine_compiled")
+    entry = engine.manifest["backends"][report["backend"]]
     cfg = engine.variant.dit
     block = load_tensors(engine.root / "dit" / "block_00.safetensors")
     args = block_inputs(engine.variant, tuple(entry["latents"]), block, torch.device(device))
     x, e0, ctx, cos, sin, *ws = args
     weights = dict(zip(entry["weights"], ws))
-    compiled = CompiledBlock(engine.root, entry).runner
+    compiled = load_block_runner(report["backend"], engine.root / entry["file"], cfg, entry["weights"])
 
     def eager():  # the clone keeps the inputs fixed across runs, as the package's graph does
         return block_forward(x.clone(), e0, ctx, (cos, sin), weights, cfg)
@@ -147,10 +149,10 @@ def bench_block(report: dict, work: Path, device: str, save, runs: int = 10) -> 
 
     with torch.no_grad():
         want = eager().float()
-        out = report["block"] = {"tokens": int(x.shape[1]), "latents": entry["latents"]}
-        for name, fn in (("inductor", lambda: compiled(*args)), ("eager_ours", eager), ("eager_plain", plain)):
+        out = report["block"] = {"tokens": int(x.shape[1]), "latents": entry["latents"], "backend": report["backend"]}
+        for name, fn in (("compiled", lambda: compiled(*args)), ("eager_ours", eager), ("eager_plain", plain)):
             out[name] = {**time_it(fn, warmup=3, runs=runs), "rel_err_vs_eager_ours": rel_err(fn().float(), want)}
-        for name in ("inductor", "eager_plain"):
+        for name in ("compiled", "eager_plain"):
             out[f"{name}_over_eager_ours"] = round(out[name]["median_ms"] / out["eager_ours"]["median_ms"], 3)
 
 
@@ -168,7 +170,7 @@ def markdown(report: dict) -> str:
                   f"{e['checkpoint']['gib']} GiB)", "",
                   "| engine | export (s) | size (GiB) | DiT (GiB) | text (GiB) | VAE (GiB) | max per-linear rel. err |",
                   "|---|---|---|---|---|---|---|"]
-        for name in (*SCHEMES, "bf16_inductor"):
+        for name in (*SCHEMES, "bf16_inductor", "bf16_compile"):
             if name in e:
                 r = e[name]
                 lines.append(f"| {name} | {r['seconds']} | {r['total_gib']} | {r['dit_gib']} | {r['text_gib']} | "
@@ -189,7 +191,7 @@ def markdown(report: dict) -> str:
         b = report["block"]
         lines += [f"## One DiT block, {b['tokens']} tokens (CUDA-event medians)", "",
                   "| block | ms | / eager (ours) | rel. err vs eager |", "|---|---|---|---|"]
-        for name in ("inductor", "eager_ours", "eager_plain"):
+        for name in ("compiled", "eager_ours", "eager_plain"):
             ratio = b.get(f"{name}_over_eager_ours", 1.0)
             lines.append(f"| {name} | {b[name]['median_ms']} | {ratio} | {b[name]['rel_err_vs_eager_ours']:.2e} |")
     for name, error in report.get("errors", {}).items():
@@ -203,6 +205,8 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/export")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     p.add_argument("--variant", default="t2v-1.3B")
+    p.add_argument("--backend", choices=("inductor", "compile"), default="inductor",
+                   help="the compiled engine's block: an AOTInductor package, or torch.compile's cache")
     p.add_argument("--merge", action="store_true", help="keep the other sections of an existing report at --out")
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny variant")
     p.add_argument("--first-step", help=argparse.SUPPRESS)  # the child process of the startup section
@@ -215,6 +219,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     old = Path(args.out).with_suffix(".json")
     report = json.loads(old.read_text()) if args.merge and old.exists() else {}
+    report["backend"] = args.backend
     report.update(machine=gpu_info() if args.device == "cuda" else {"gpu": "CPU", "torch": torch.__version__,
                                                                       "triton": "-"})
     for name in args.only.split(","):

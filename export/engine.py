@@ -62,7 +62,7 @@ def fidelity(blocks: list[dict], scheme: str, seed: int = 0) -> dict:
             "max": max(report.values())}
 
 
-BACKENDS = ("inductor", "onnx", "tensorrt")
+BACKENDS = ("inductor", "compile", "onnx", "tensorrt")
 
 
 def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True,
@@ -128,13 +128,14 @@ def _compile(v, backends: tuple[str, ...], latents, block: dict, root: Path) -> 
         w, h = (int(n) for n in v.sizes[0].split("*")) if v.sizes else (832, 480)
         st = v.vae.stride
         latents = ((81 - 1) // st[0] + 1, h // st[1], w // st[2])
-    if "inductor" in backends:
-        from .inductor_backend import export_block_inductor
+    for kind in ("inductor", "compile"):
+        if kind in backends:
+            from .inductor_backend import export_block_inductor
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        out["backends"]["inductor"] = export_block_inductor(v, latents, block, root, device)
-        if device.type == "cuda":
-            out["gpu_capability"] = list(torch.cuda.get_device_capability())
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            out["backends"][kind] = export_block_inductor(v, latents, block, root, device, kind)
+            if device.type == "cuda":
+                out["gpu_capability"] = list(torch.cuda.get_device_capability())
     if "onnx" in backends:
         from .onnx_backend import export_block_onnx
 

@@ -15,21 +15,10 @@ import torch
 
 from wanrt.kernels.dispatch import reference_only
 from wanrt.runtime.config import Variant
-from wanrt.runtime.dit import block_forward, rope_tables
+from wanrt.runtime.dit import BlockGraph, rope_tables
 
 ONNX_FILE = "compiled/dit_block.onnx"
 TOLERANCE = 1e-3  # relative error of onnxruntime (fp32) against the PyTorch block
-
-
-class _BlockGraph(torch.nn.Module):
-    """block_forward with a fixed signature: activations first, then the block's tensors in `names` order."""
-
-    def __init__(self, cfg, names: list[str]):
-        super().__init__()
-        self.cfg, self.names = cfg, names
-
-    def forward(self, x, e0, context, cos, sin, *weights):
-        return block_forward(x.clone(), e0, context, (cos, sin), dict(zip(self.names, weights)), self.cfg)
 
 
 def _inputs(v: Variant, lat: tuple[int, int, int], block: dict, seed: int = 0) -> tuple:
@@ -53,7 +42,7 @@ def export_block_onnx(v: Variant, lat: tuple[int, int, int], block: dict[str, to
 
     names = list(block)
     args = _inputs(v, lat, block)
-    graph = _BlockGraph(v.dit, names)
+    graph = BlockGraph(v.dit, names)
     path = root / ONNX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     input_names = ["x", "e0", "context", "rope_cos", "rope_sin", *names]

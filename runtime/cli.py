@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="engine directory to write (replaced atomically at the end)")
     e.add_argument("--scheme", default="bf16", help="DiT block weights: bf16 (as in the checkpoint), fp8, int8, "
                    "w8a16")
-    e.add_argument("--backends", help="compiled block graphs: onnx (validated with onnxruntime), tensorrt (needs "
-                   "NVIDIA's TensorRT and a GPU); comma-separated")
+    e.add_argument("--backends", help="compiled block graphs, comma-separated: inductor (AOTInductor package), "
+                   "compile (torch.compile's cache, for where AOTInductor's loader fails), onnx (validated with "
+                   "onnxruntime), tensorrt (needs NVIDIA's TensorRT and a GPU)")
     e.add_argument("--size", help="width*height the block graphs are compiled for (default: the variant's first)")
     e.add_argument("--frame_num", type=int, default=81, help="frames the block graphs are compiled for")
     e.add_argument("--verify", metavar="ENGINE_DIR", help="check an engine's files against its manifest and exit")

@@ -184,6 +184,18 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
     return x
 
 
+class BlockGraph(nn.Module):
+    """block_forward with a fixed signature for compilers: activations first, then the block's tensors in `names`
+    order (weights as inputs, so one compiled graph serves every block). x is copied, not updated in place."""
+
+    def __init__(self, cfg: DiTConfig, names: list[str]):
+        super().__init__()
+        self.cfg, self.names = cfg, names
+
+    def forward(self, x, e0, context, cos, sin, *weights):
+        return block_forward(x.clone(), e0, context, (cos, sin), dict(zip(self.names, weights)), self.cfg)
+
+
 def _writable(x: torch.Tensor) -> torch.Tensor:
     """x, to be updated in place; under autograd (training) a copy, since backward still needs the old values."""
     return x.clone() if torch.is_grad_enabled() and x.requires_grad else x

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.dispatch import reference_only
 from .checkpoint import CheckpointError, _named_variant, _tuples, load_tensors
 from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
+from .dit import BlockGraph
 
 FORMAT = "wanrt-engine"
 FORMAT_VERSION = 1
@@ -171,12 +173,31 @@ def open_engine(path: str | Path, capability: tuple[int, int] | None | str = "th
     return Engine(root, manifest, variant)
 
 
+COMPILED_KINDS = ("inductor", "compile")  # the backends that hold a compiled block, in order of preference
+
+
+def load_block_runner(kind: str, path: Path, cfg: DiTConfig, names: list[str]):
+    """A callable (x, e0, context, cos, sin, *weights) -> x for a compiled block: an AOTInductor package
+    ("inductor"), or torch.compile's cache artifacts replayed before compiling the same graph again ("compile": the
+    compiler finds its Inductor output, kernels and tuning in the cache and generates nothing)."""
+    if kind == "inductor":
+        return torch._inductor.aoti_load_package(str(path))
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    compiled = torch.compile(BlockGraph(cfg, names), dynamic=False, fullgraph=True)
+
+    def run(*args):
+        with reference_only():  # the graph was traced from the plain-PyTorch block at export
+            return compiled(*args)
+
+    return run
+
+
 class CompiledBlock:
-    """block_forward's stand-in for WanDiT.denoise: an engine's AOTInductor package of the block (weights as inputs,
+    """block_forward's stand-in for WanDiT.denoise: an engine's compiled block (weights as inputs, see
     export/inductor_backend.py), used for the token count it was compiled for and whole-sequence plans."""
 
-    def __init__(self, root: Path, entry: dict):
-        self.runner = torch._inductor.aoti_load_package(str(root / entry["file"]))
+    def __init__(self, root: Path, entry: dict, kind: str, cfg: DiTConfig):
+        self.runner = load_block_runner(kind, root / entry["file"], cfg, entry["weights"])
         self.tokens, self.names = entry["tokens"], entry["weights"]
 
     def fits(self, tokens: int, chunk: int | None) -> bool:

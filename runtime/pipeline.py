@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
-from .engine import CompiledBlock, is_engine, open_engine
+from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -173,10 +173,12 @@ class WanPipeline:
 
     def _compiled_block(self):
         """An engine's compiled block for this device (none: the eager block runs)."""
-        entry = getattr(self.ckpt, "manifest", {}).get("backends", {}).get("inductor")
-        if entry is None or entry["device"] != self.device.type:
-            return None
-        return CompiledBlock(self.ckpt.root, entry)
+        backends = getattr(self.ckpt, "manifest", {}).get("backends", {})
+        for kind in COMPILED_KINDS:
+            entry = backends.get(kind)
+            if entry is not None and entry["device"] == self.device.type:
+                return CompiledBlock(self.ckpt.root, entry, kind, self.variant.dit)
+        return None
 
     def _dit_dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
         """A DiT block tensor's dtype in memory: quantized weights and their scales as stored (an engine's scheme),

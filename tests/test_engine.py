@@ -163,13 +163,17 @@ def test_backend_requests_that_cannot_be_met_fail_before_writing(checkpoints, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_inductor_engine_runs_its_compiled_block(checkpoints, reference, tmp_path):
-    """An AOTInductor package of the block (compiled at export, here for the CPU) replaces the eager block when the
-    request has its token count and the plan keeps all tokens together; the frames stay those of the checkpoint."""
-    out = export_engine(checkpoints["t2v", "official"], tmp_path / "e", backends=("inductor",), latents=(2, 4, 4),
+@pytest.mark.parametrize("kind", ["inductor", "compile"])
+def test_compiled_engine_runs_its_compiled_block(checkpoints, reference, tmp_path, kind):
+    """The compiled block (an AOTInductor package, or torch.compile's cache; compiled at export, here for the CPU)
+    replaces the eager block when the request has its token count and the plan keeps all tokens together; the frames
+    stay those of the checkpoint. A fresh process loaded it at export, and the cache form compiled nothing there."""
+    out = export_engine(checkpoints["t2v", "official"], tmp_path / "e", backends=(kind,), latents=(2, 4, 4),
                         progress=False)
-    entry = open_engine(out).manifest["backends"]["inductor"]
+    entry = open_engine(out).manifest["backends"][kind]
     assert entry["device"] == "cpu" and entry["rel_err_vs_eager"] <= 1e-4
+    if kind == "compile":
+        assert entry["fresh_process"]["cache_hits"] >= 1 and entry["fresh_process"]["compiled"] == 0
     pipe = wanrt.load(out, device="cpu")
     calls = []
     block = pipe.dit.compiled_block
