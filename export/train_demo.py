@@ -295,8 +295,8 @@ def _trained_vae(path: str | Path, v: Variant, device) -> tuple[WanVAE, Variant]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--dit-steps", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dit-batch-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
