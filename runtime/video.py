@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18
     import av  # here, not at import: GPU hosts without PyAV can still run everything but the mp4 writer
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
-    os.close(fd)
+    # A fresh name that the encoder creates itself, so the video gets the usual permissions (mkstemp's are 0600)
+    tmp = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}.mp4.part")
     try:
         with av.open(tmp, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)

@@ -1,4 +1,5 @@
 """End to end on the CPU: `wanrt generate` writes an mp4 matching its flags; user errors get one clear line."""
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ def test_cli_writes_mp4_matching_flags(checkpoints, tmp_path):
     frames, fps = read_mp4(out)
     assert frames.shape == (9, 48, 64, 3) and fps == 16
     assert not list(out.parent.glob("*.part"))  # written through a temp file, nothing left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not a private temp file's 0600
 
 
 def test_same_seed_same_frames(t2v):
