@@ -104,6 +104,10 @@ def first_step(engine: str, t0: float, out: str, device: str) -> None:
     except Stop:
         pass
     marks["compiled_block"] = pipe.dit.compiled_block is not None
+    from torch._dynamo.utils import counters
+
+    marks["inductor_graphs"] = {"from_cache": counters["inductor"]["fxgraph_cache_hit"],
+                                "compiled": counters["inductor"]["fxgraph_cache_miss"]}
     marks["phase_seconds"] = {k: round(s["seconds"], 3) for k, s in pipe.phase_stats.items()}
     Path(out).write_text(json.dumps(marks))
 
@@ -177,14 +181,16 @@ def markdown(report: dict) -> str:
                              f"{r['vae_gib']} | {r.get('fidelity_max_rel_err') or '-'} |")
         lines.append("")
     if "startup" in report:
-        lines += ["## Process start to the end of the first denoise step (480p x 81f, resident)", "",
+        lines += ["## Process start to the end of the first denoise step (first size, 81 frames, resident)", "",
                   "| engine | run | imported (s) | loaded | first step done | text / embed / denoise (s) | "
-                  "compiled block | files in fresh Inductor / Triton caches |", "|---|---|---|---|---|---|---|---|"]
+                  "compiled block | Inductor graphs compiled / from cache | files in fresh Inductor / Triton "
+                  "caches |", "|---|---|---|---|---|---|---|---|---|"]
         for name, rs in report["startup"].items():
             for i, r in enumerate(rs):
                 p = r["phase_seconds"]
                 lines.append(f"| {name} | {i + 1} | {r['imported']} | {r['loaded']} | **{r['first_step_done']}** | "
                              f"{p.get('text')} / {p.get('embed')} / {p.get('denoise')} | {r['compiled_block']} | "
+                             f"{r['inductor_graphs']['compiled']} / {r['inductor_graphs']['from_cache']} | "
                              f"{r['compiled_files']['torchinductor']} / {r['compiled_files']['triton']} |")
         lines.append("")
     if "block" in report:
