@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
-from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine
+from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -172,8 +172,12 @@ class WanPipeline:
         return self.ckpt.variant
 
     def _compiled_block(self):
-        """An engine's compiled block for this device (none: the eager block runs)."""
-        backends = getattr(self.ckpt, "manifest", {}).get("backends", {})
+        """An engine's compiled block for this device (none: the eager block runs), unless the DiT was configured
+        otherwise since it was compiled (another attention mode or scheme)."""
+        manifest = getattr(self.ckpt, "manifest", {})
+        if manifest and self.variant.dit != variant_from_json(manifest["variant"]).dit:
+            return None
+        backends = manifest.get("backends", {})
         for kind in COMPILED_KINDS:
             entry = backends.get(kind)
             if entry is not None and entry["device"] == self.device.type:

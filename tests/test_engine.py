@@ -1,5 +1,6 @@
 """`wanrt export` on the CPU: engines from both checkpoint layouts for every scheme, generation from them, and every
 kind of tampering refused with a clear error before any model is built."""
+import dataclasses
 import json
 import shutil
 import sys
@@ -12,6 +13,7 @@ from wanrt.export.engine import export_engine
 from wanrt.quant.formats import SCHEMES
 from wanrt.runtime.cli import main
 from wanrt.runtime.engine import EngineError, open_engine
+from wanrt.runtime.pipeline import WanPipeline
 
 PROMPT = "a red circle moves right on a blue background"
 REQUEST = dict(size="32*32", frame_num=5, sample_steps=2, base_seed=3, progress=False)
@@ -183,6 +185,11 @@ def test_compiled_engine_runs_its_compiled_block(checkpoints, reference, tmp_pat
     assert len(calls) == 2 * REQUEST["sample_steps"] * pipe.variant.dit.num_layers  # every block, both CFG passes
     diff = np.abs(frames.astype(int) - reference)
     assert diff.max() <= 1 and diff.mean() < 1e-2
+    engine = open_engine(out)  # with another attention mode than it was compiled for, the eager block runs
+    v = engine.variant
+    int8 = dataclasses.replace(v, dit=dataclasses.replace(v.dit, attention="int8"))
+    other = dataclasses.replace(engine, variant=int8)
+    assert block is not None and WanPipeline(other, device="cpu").dit.compiled_block is None
 
 
 def test_inductor_export_survives_a_crashing_package_loader(checkpoints, tmp_path, monkeypatch):
