@@ -132,7 +132,7 @@ def bench_block(report: dict, work: Path, device: str, save, runs: int = 10) -> 
     from wanrt.export.inductor_backend import block_inputs
     from wanrt.kernels.dispatch import reference_only
     from wanrt.runtime.checkpoint import load_tensors
-    from wanrt.runtime.dit import block_forward
+    from wanrt.runtime.dit import BlockGraph
     from wanrt.runtime.engine import load_block_runner, open_engine
 
     engine = open_engine(work / "engine_compiled")
@@ -140,12 +140,11 @@ def bench_block(report: dict, work: Path, device: str, save, runs: int = 10) -> 
     cfg = engine.variant.dit
     block = load_tensors(engine.root / "dit" / "block_00.safetensors")
     args = block_inputs(engine.variant, tuple(entry["latents"]), block, torch.device(device))
-    x, e0, ctx, cos, sin, *ws = args
-    weights = dict(zip(entry["weights"], ws))
     compiled = load_block_runner(report["backend"], engine.root / entry["file"], cfg, entry["weights"])
+    graph = BlockGraph(cfg, entry["weights"])  # the eager block on the same inputs (it copies x, as the compiled one)
 
-    def eager():  # the clone keeps the inputs fixed across runs, as the package's graph does
-        return block_forward(x.clone(), e0, ctx, (cos, sin), weights, cfg)
+    def eager():
+        return graph(*args)
 
     def plain():
         with reference_only():
@@ -153,7 +152,7 @@ def bench_block(report: dict, work: Path, device: str, save, runs: int = 10) -> 
 
     with torch.no_grad():
         want = eager().float()
-        out = report["block"] = {"tokens": int(x.shape[1]), "latents": entry["latents"], "backend": report["backend"]}
+        out = report["block"] = {"tokens": entry["tokens"], "latents": entry["latents"], "backend": report["backend"]}
         for name, fn in (("compiled", lambda: compiled(*args)), ("eager_ours", eager), ("eager_plain", plain)):
             out[name] = {**time_it(fn, warmup=3, runs=runs), "rel_err_vs_eager_ours": rel_err(fn().float(), want)}
         for name in ("compiled", "eager_plain"):

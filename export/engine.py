@@ -128,14 +128,14 @@ def _compile(v, backends: tuple[str, ...], latents, block: dict, root: Path) -> 
         w, h = (int(n) for n in v.sizes[0].split("*")) if v.sizes else (832, 480)
         st = v.vae.stride
         latents = ((81 - 1) // st[0] + 1, h // st[1], w // st[2])
-    for kind in ("inductor", "compile"):
-        if kind in backends:
-            from .inductor_backend import export_block_inductor
+    if inductor_kinds := [k for k in ("inductor", "compile") if k in backends]:
+        from .inductor_backend import export_block_inductor
 
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for kind in inductor_kinds:
             out["backends"][kind] = export_block_inductor(v, latents, block, root, device, kind)
-            if device.type == "cuda":
-                out["gpu_capability"] = list(torch.cuda.get_device_capability())
+        if device.type == "cuda":
+            out["gpu_capability"] = list(torch.cuda.get_device_capability())
     if "onnx" in backends:
         from .onnx_backend import export_block_onnx
 
