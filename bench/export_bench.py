@@ -44,12 +44,12 @@ def _engine_size(root: Path) -> dict:
     return {"total_gib": round(sum(parts.values()) / GiB, 3), **gib, **{f"{k}_bytes": v for k, v in parts.items()}}
 
 
-def bench_export(report: dict, work: Path, device: str, save, variant: str) -> None:
+def bench_export(report: dict, work: Path, device: str, save, variant: str, schemes=SCHEMES) -> None:
     from wanrt.bench.random_source import RandomSource
     from wanrt.export.engine import export_engine
     from wanrt.export.random_checkpoint import write_official
 
-    out = report["export"] = {"variant": variant}
+    out = report["export"] = {**report.get("export", {}), "variant": variant}  # rows of other schemes (--merge) stay
     src = RandomSource(variant)
     start = time.perf_counter()
     states = {"dit": src.dit_state(), "text": src.text_state(), "vae": src.vae_state()}
@@ -57,7 +57,7 @@ def bench_export(report: dict, work: Path, device: str, save, variant: str) -> N
     del states, src
     out["checkpoint"] = {"seconds": round(time.perf_counter() - start, 1), "gib": round(
         sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file()) / GiB, 3)}
-    for scheme in SCHEMES:
+    for scheme in dict.fromkeys(("bf16", *schemes)):  # the compiled engine's startup is compared with bf16's
         print(f"export {scheme}", flush=True)
         engine = export_engine(ckpt, work / f"engine_{scheme}", scheme, progress=False)
         m = json.loads((engine / "manifest.json").read_text())
@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--variant", default="t2v-1.3B")
     p.add_argument("--backend", choices=("inductor", "compile"), default="inductor",
                    help="the compiled engine's block: an AOTInductor package, or torch.compile's cache")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="the export section's schemes (bf16 always)")
     p.add_argument("--merge", action="store_true", help="keep the other sections of an existing report at --out")
     p.add_argument("--device", default="cuda", help="cpu: a quick check of the script on a tiny variant")
     p.add_argument("--first-step", help=argparse.SUPPRESS)  # the child process of the startup section
@@ -230,13 +231,15 @@ def main() -> None:
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
         command = " ".join(["python -m wanrt.bench.export_bench", *sys.argv[1:]])
-        report.setdefault("runs", {})[name] = {"command": command,
-                                               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        runs = report.setdefault("runs", {}).get(name, [])  # with --merge: every run behind the section's rows
+        report["runs"][name] = [*([runs] if isinstance(runs, dict) else runs), {
+            "command": command, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}]
         def save():
             write_report(report, Path(args.out), markdown(report))
 
         try:
-            SECTIONS[name](report, work, args.device, save, *([args.variant] if name == "export" else []))
+            extra = [args.variant, args.schemes.split(",")] if name == "export" else []
+            SECTIONS[name](report, work, args.device, save, *extra)
             report.get("errors", {}).pop(name, None)  # an error of this section's earlier run (--merge)
         except Exception as e:  # keep what the other sections measured; the error is part of the report
             import traceback
