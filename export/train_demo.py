@@ -3,7 +3,8 @@
     python -m wanrt.export.train_demo --out DIR [--device cuda] [--vae-steps N] [--dit-steps N]
     # or in two processes (each under a time limit): the VAE, then the DiT and text encoder on that VAE
     python -m wanrt.export.train_demo --out VAE_DIR --dit-steps 0
-    python -m wanrt.export.train_demo --out DIR --vae-from VAE_DIR
+    python -m wanrt.export.train_demo --out DIR --vae-from VAE_DIR --decoder-steps 0
+    python -m wanrt.export.train_demo --out FINAL --dit-from DIR   # stage 3 only
 
 Stage 1 trains the Wan-VAE (our WanVAE at small width) as a VAE: reconstruction plus a small KL term, through the same
 causal chunked encode and decode the runtime uses. Its latent mean and std over training videos become the config's
@@ -11,7 +12,9 @@ latents_mean/std, as Wan's are. Stage 2 trains the umT5 encoder and the DiT toge
 (x_t = (1 - s) x0 + s e, target e - x0, t = 1000 s, s shifted as at inference), the prompt replaced by the default
 negative prompt 10% of the time so classifier-free guidance works. Everything runs through the plain-PyTorch
 references (the fused kernels have no backward). The result is an official-layout checkpoint (config.json with the
-small configs, weights, tokenizer) with train_log.json: the settings and every step's loss.
+small configs, weights, tokenizer) with train_log.json: the settings and every step's loss. Stage 3 fine-tunes the
+VAE's decoder alone on whole clips: stage 1 trains on short clips (fast), which leaves the causal cache of later chunks
+untrained, so their frames decayed into noise. The encoder stays frozen, so the latents the DiT learned stay valid.
 
 Videos are drawn by worker processes, each batch from (seed, stage, step) alone; both stages warm up their learning
 rate and decay it on a cosine, and the DiT and text encoder are shipped as their exponential moving averages.
@@ -69,7 +72,7 @@ def demo_variant(dim: int = 192, layers: int = 6, vae_dim: int = 16, text_dim: i
 def render_batch(seed: int, stage: str, step: int, n: int) -> tuple[np.ndarray, list[str]]:
     """Batch `step` of a stage: n uint8 videos [n, F, H, W, 3] and their prompts, a pure function of its arguments
     (so worker processes can draw batches in any order and training stays reproducible)."""
-    rng = np.random.default_rng([seed, ("vae", "dit", "stats").index(stage), step])
+    rng = np.random.default_rng([seed, ("vae", "dit", "stats", "decoder").index(stage), step])
     scenes = [random_scene(rng) for _ in range(n)]
     return np.stack([render(s, FRAMES, SIZE, int(rng.integers(2**31))) for s in scenes]), [s.prompt for s in scenes]
 
@@ -146,14 +149,18 @@ def shape_weights(video: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
     return 1 + (weight - 1) * shape.float()
 
 
-def train_vae(vae: WanVAE, data, steps: int, device, log: list, lr: float = 2e-3) -> None:
-    """On the first VAE_FRAMES frames of each video (a first frame and two causal chunks: every path of the causal
-    cache at half the cost of whole clips), with the shape's pixels weighted up."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    sched, progress = schedule(opt, steps), Progress("vae", steps)
+def train_vae(vae: WanVAE, data, steps: int, device, log: list, stage: str = "vae") -> None:
+    """Stage "vae": the whole VAE on the first VAE_FRAMES frames of each video (a first frame and two causal chunks,
+    at half the cost of whole clips). Stage "decoder": the decoder alone on whole clips, the encoder frozen. Both with
+    the shape's pixels weighted up."""
+    whole = stage == "vae"
+    params = list(vae.parameters()) if whole else [*vae.conv2.parameters(), *vae.decoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=2e-3 if whole else 5e-4)
+    sched, progress = schedule(opt, steps, warmup=min(200, steps // 5)), Progress(stage, steps)
     for step, (videos, _) in zip(range(steps), data):
-        video = to_tensor(videos[:, :VAE_FRAMES], device)
-        mu, logvar = encode_moments(vae, video)
+        video = to_tensor(videos[:, :VAE_FRAMES] if whole else videos, device)
+        with torch.set_grad_enabled(whole):
+            mu, logvar = encode_moments(vae, video)
         recon = decode(vae, mu + torch.randn_like(mu) * (0.5 * logvar).exp())
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
         weights = shape_weights(video)
@@ -162,7 +169,7 @@ def train_vae(vae: WanVAE, data, steps: int, device, log: list, lr: float = 2e-3
         loss.backward()
         opt.step()
         sched.step()
-        log.append({"stage": "vae", "step": step, "loss": round(loss.item(), 5), "kl": round(kl.item(), 4)})
+        log.append({"stage": stage, "step": step, "loss": round(loss.item(), 5), "kl": round(kl.item(), 4)})
         progress(step, log[-1]["loss"])
 
 
@@ -236,11 +243,13 @@ def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer,
 
 def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device: str = "cpu",
           variant: Variant | None = None, batch_size: int = 32, dit_batch_size: int | None = None,
-          workers: int = 0, vae_from: str | Path | None = None) -> Path:
-    """Train both stages and write the checkpoint to `out` (atomically); returns its path. The result depends on the
-    seed, the settings and the device, not on `workers`. With `vae_from` (a checkpoint this function wrote, e.g. with
-    dit_steps=0), stage 1 is skipped and its VAE and latent statistics are taken from there: the stages can run in
-    separate processes, each within a time limit."""
+          workers: int = 0, vae_from: str | Path | None = None, decoder_steps: int = 0,
+          dit_from: str | Path | None = None) -> Path:
+    """Train the three stages and write the checkpoint to `out` (atomically); returns its path. The result depends on
+    the seed, the settings and the device, not on `workers`. The stages can run in separate processes, each within a
+    time limit: with `vae_from` (a checkpoint this function wrote, e.g. with dit_steps=0) stage 1 is skipped and its
+    VAE and latent statistics are taken from there; with `dit_from` stages 1 and 2 are skipped and the VAE, text
+    encoder and DiT are taken from there."""
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = True  # the VAE's convolutions see a few fixed shapes
     g = torch.Generator().manual_seed(seed)
@@ -252,8 +261,8 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
     tok_dir = write_tiny_tokenizer(out.parent / f".{out.name}.tokenizer", v.text.vocab)
     tokenizer = Tokenizer(tok_dir, v.text.text_len)
     with reference_only():
-        if vae_from is not None:
-            vae, v = _trained_vae(vae_from, v, device)
+        if dit_from is not None or vae_from is not None:
+            vae, v = _trained_vae(dit_from or vae_from, v, device)
         else:
             vae = WanVAE(v.vae).to(device)
             with batches(seed, "vae", vae_steps, batch_size, workers) as data:
@@ -265,19 +274,34 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
             vae.cfg = v.vae
         seconds["vae"] = round(time.perf_counter() - start, 1)
         dit, text = WanDiT(v.dit).to(device), UMT5Encoder(v.text).to(device)
-        with batches(seed, "dit", dit_steps, dit_batch_size or batch_size, workers) as data:
-            train_dit(dit, text, vae, tokenizer, data, dit_steps, device, log, g)
+        if dit_from is not None:
+            ckpt = open_checkpoint(dit_from)
+            dit.load_state_dict(ckpt.dit_state())
+            text.load_state_dict(ckpt.text_state())
+        else:
+            with batches(seed, "dit", dit_steps, dit_batch_size or batch_size, workers) as data:
+                train_dit(dit, text, vae, tokenizer, data, dit_steps, device, log, g)
         seconds["dit"] = round(time.perf_counter() - start - seconds["vae"], 1)
+        with batches(seed, "decoder", decoder_steps, batch_size, workers) as data:
+            train_vae(vae, data, decoder_steps, device, log, stage="decoder")
+        vae.eval()
+        seconds["decoder"] = round(time.perf_counter() - start - seconds["vae"] - seconds["dit"], 1)
     states = {name: {k: t.detach().cpu().contiguous() for k, t in m.state_dict().items()}
               for name, m in (("dit", dit), ("vae", vae), ("text", text))}
+    states["dit"] = {k: t.to(torch.bfloat16) for k, t in states["dit"].items()}  # as Wan ships it; halves the file
     path = write_official(out, v, states, tok_dir, safetensors=True)
     shutil.rmtree(tok_dir)  # copied into the checkpoint
     settings = {"seed": seed, "vae_steps": vae_steps, "dit_steps": dit_steps, "batch_size": batch_size,
                 "dit_batch_size": dit_batch_size or batch_size, "vae_frames": VAE_FRAMES,
-                "vae_from": None if vae_from is None else Path(vae_from).name,
+                "decoder_steps": decoder_steps,
+                **{k: None if p is None else Path(p).name for k, p in (("vae_from", vae_from), ("dit_from", dit_from))},
                 "frames": FRAMES, "size": SIZE, "shift": SHIFT, "device": device,
                 "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
                 "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)}, "torch": torch.__version__}
+    earlier = Path(dit_from or vae_from or "") / "train_log.json"
+    if (dit_from or vae_from) and earlier.exists():  # the stages run before, in another process: one record of all
+        before = json.loads(earlier.read_text())
+        settings["before"], log = before["settings"], before["log"] + log
     (path / "train_log.json").write_text(json.dumps({"settings": settings, "log": log}, indent=1))
     return path
 
@@ -301,11 +325,15 @@ def main() -> None:
     p.add_argument("--dit-batch-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--decoder-steps", type=int, default=600)
     p.add_argument("--vae-from", help="a checkpoint of this script whose VAE to keep (stage 1 is skipped)")
+    p.add_argument("--dit-from", help="a checkpoint of this script whose VAE, text encoder and DiT to keep (stage 3 "
+                                      "only)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes drawing the videos")
     a = p.parse_args()
     path = train(a.out, a.vae_steps, a.dit_steps, a.seed, a.device, batch_size=a.batch_size,
-                 dit_batch_size=a.dit_batch_size, workers=a.workers, vae_from=a.vae_from)
+                 dit_batch_size=a.dit_batch_size, workers=a.workers, vae_from=a.vae_from,
+                 decoder_steps=a.decoder_steps, dit_from=a.dit_from)
     print(f"wrote {path}")
 
 

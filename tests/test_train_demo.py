@@ -37,4 +37,27 @@ def test_the_stages_can_run_in_separate_processes(tmp_path):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert wanrt.load(second, device="cpu").variant.vae == wanrt.load(first, device="cpu").variant.vae
     log = json.loads((second / "train_log.json").read_text())
-    assert [e["stage"] for e in log["log"]] == ["dit", "dit"] and log["settings"]["vae_from"] == "vae"
+    assert [e["stage"] for e in log["log"]] == ["vae", "vae", "dit", "dit"] and log["settings"]["vae_from"] == "vae"
+    assert log["settings"]["before"]["dit_steps"] == 0  # the first run's settings
+
+
+def test_the_decoder_stage_keeps_the_encoder_and_dit(tmp_path):
+    """Stage 3 (dit_from) trains the VAE's decoder alone: the encoder, latent statistics, DiT and text encoder are
+    the ones the DiT was trained with."""
+    from safetensors.torch import load_file
+
+    variant = demo_variant(dim=64, layers=2, vae_dim=8, text_dim=32)
+    first = train(tmp_path / "dit", vae_steps=2, dit_steps=2, seed=0, variant=variant, batch_size=2)
+    final = train(tmp_path / "final", vae_steps=0, dit_steps=0, seed=0, variant=variant, batch_size=2,
+                  decoder_steps=2, dit_from=first)
+    log = json.loads((final / "train_log.json").read_text())
+    assert [e["stage"] for e in log["log"]] == ["vae", "vae", "dit", "dit", "decoder", "decoder"]
+    assert log["settings"]["dit_from"] == "dit" and log["settings"]["before"]["dit_steps"] == 2
+    for name in ("Wan2.1_VAE", "diffusion_pytorch_model", "models_t5_umt5-xxl-enc-bf16"):
+        a, b = (load_file(p / f"{name}.safetensors") for p in (first, final))
+        changed = {k for k in a if not a[k].equal(b[k])}
+        if name == "Wan2.1_VAE":
+            assert changed and all(k.startswith(("decoder.", "conv2.")) for k in changed), changed
+        else:
+            assert not changed, (name, changed)
+    assert wanrt.load(final, device="cpu").variant.vae == wanrt.load(first, device="cpu").variant.vae
