@@ -70,7 +70,8 @@ def write_official(out: str | Path, variant: Variant, states: dict[str, dict[str
                   ("clip", variant.clip, CLIPConfig())) if cfg is not None and cfg != default}
         if safetensors:
             extra["variant"] = {"name": variant.name, "sizes": list(variant.sizes),
-                                "sample_steps": variant.sample_steps, "sample_shift": variant.sample_shift}
+                                "sample_steps": variant.sample_steps, "sample_shift": variant.sample_shift,
+                                "sample_guide_scale": variant.sample_guide_scale}
         if extra:
             config["wanrt"] = extra  # only non-standard (tiny) models need this; real checkpoints have none
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

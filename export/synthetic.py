@@ -114,9 +114,11 @@ def check(video: np.ndarray, colour: str, motion: str, min_travel: float = 0.1) 
     return travel >= min_travel, f"moved {travel:+.2f} of the frame {motion.split()[1]}"
 
 
-def evaluate(pipe, seeds=range(20), steps: int = 20, shift: float = 3.0, guide: float = 5.0) -> dict:
+def evaluate(pipe, seeds=range(20), steps: int | None = None, shift: float | None = None,
+             guide: float | None = None) -> dict:
     """Generate one video per seed for the prompt of that seed's scene and check each: the pass rate and per-seed
-    (prompt, ok, why). `pipe` is a WanPipeline of a model trained on these scenes."""
+    (prompt, ok, why). `pipe` is a WanPipeline of a model trained on these scenes; sampling settings left None are
+    the model's own (its config.json's)."""
     results = []
     for seed in seeds:
         scene = random_scene(np.random.default_rng(10_000 + seed))  # prompts apart from the training stream's

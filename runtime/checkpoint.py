@@ -204,7 +204,8 @@ def _official_variant(root: Path) -> Variant:
     own = extra.get("variant")  # a small model of our own names itself and its sizes and defaults
     if v.name == "custom" and own:
         v = dataclasses.replace(v, name=own["name"], sizes=tuple(own["sizes"]), sample_steps=own["sample_steps"],
-                                sample_shift=own["sample_shift"])
+                                sample_shift=own["sample_shift"],
+                                sample_guide_scale=own.get("sample_guide_scale", v.sample_guide_scale))
     return v
 
 

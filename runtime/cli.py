@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frame_num", type=int, default=81, help="number of frames, 4n+1")
     g.add_argument("--sample_steps", type=int, help="default: 50 for t2v, 40 for i2v")
     g.add_argument("--sample_shift", type=float, help="default: 5.0 (3.0 for i2v at 480p)")
-    g.add_argument("--sample_guide_scale", type=float, default=5.0)
+    g.add_argument("--sample_guide_scale", type=float, help="default: the model's (5.0 for Wan2.1)")
     g.add_argument("--sample_solver", choices=SOLVERS, default="unipc")
     g.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")

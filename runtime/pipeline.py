@@ -227,7 +227,8 @@ class WanPipeline:
 
     @torch.no_grad()
     def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int = 81,
-                 sample_steps: int | None = None, sample_shift: float | None = None, sample_guide_scale: float = 5.0,
+                 sample_steps: int | None = None, sample_shift: float | None = None,
+                 sample_guide_scale: float | None = None,
                  sample_solver: str = "unipc", base_seed: int = -1, neg_prompt: str = "",
                  progress: bool = True) -> Video:
         v = self.variant
@@ -236,6 +237,7 @@ class WanPipeline:
             shift = sample_shift
         else:  # the official rule for Wan's variants; a model of our own carries its training shift
             shift = default_shift(v.task, size) if v.name in VARIANTS else v.sample_shift
+        guide = v.sample_guide_scale if sample_guide_scale is None else sample_guide_scale
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
         plan = self.plan(lat, steps)  # before any GPU work: refuses here if the budget cannot fit
@@ -253,7 +255,7 @@ class WanPipeline:
         solver = make_solver(sample_solver, steps, shift)
         ctx, ctx_null, temb = run("embed", self._embed, context, context_null, clip_fea, solver.timesteps)
         del context, context_null, clip_fea
-        latents = run("denoise", self._denoise, latents, cond, ctx, ctx_null, temb, solver, sample_guide_scale,
+        latents = run("denoise", self._denoise, latents, cond, ctx, ctx_null, temb, solver, guide,
                       progress)
         del ctx, ctx_null, temb, cond
         video = run("decode", self._decode, latents)

@@ -61,3 +61,9 @@ def test_the_decoder_stage_keeps_the_encoder_and_dit(tmp_path):
         else:
             assert not changed, (name, changed)
     assert wanrt.load(final, device="cpu").variant.vae == wanrt.load(first, device="cpu").variant.vae
+    # stage 2 continued from there: the DiT moves, the VAE stays
+    more = train(tmp_path / "more", vae_steps=0, dit_steps=1, seed=1, variant=variant, batch_size=2, dit_from=final)
+    a, b = (load_file(p / "diffusion_pytorch_model.safetensors") for p in (final, more))
+    assert any(not a[k].equal(b[k]) for k in a)
+    a, b = (load_file(p / "Wan2.1_VAE.safetensors") for p in (final, more))
+    assert all(a[k].equal(b[k]) for k in a)
