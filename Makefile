@@ -1,5 +1,5 @@
 # Two entry points, each doing its own set-up in .venv on a fresh machine with Python 3.11:
-#   make demo   writes demo/video.mp4 from a tiny random-weight checkpoint the repo generates itself
+#   make demo   writes demo/video.mp4 with the embedded demo model (no network, no GPU)
 #   make test   runs the CPU test suite
 PYTHON ?= python3
 VENV := .venv
@@ -21,9 +21,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(VENV)/bin/wanrt random-checkpoint --variant tiny-t2v --out demo/tiny-t2v
-	$(VENV)/bin/wanrt generate --model demo/tiny-t2v --prompt "$(PROMPT)" --size 64*64 --frame_num 17 \
-		--sample_steps 8 --base_seed 42 --out demo/video.mp4
+	$(VENV)/bin/wanrt generate --prompt "$(PROMPT)" --base_seed 42 --out demo/video.mp4
 
 test: $(VENV)/.test
 	$(VENV)/bin/python -m pytest -q

@@ -71,7 +71,7 @@ def write_official(out: str | Path, variant: Variant, states: dict[str, dict[str
         if safetensors:
             extra["variant"] = {"name": variant.name, "sizes": list(variant.sizes),
                                 "sample_steps": variant.sample_steps, "sample_shift": variant.sample_shift,
-                                "sample_guide_scale": variant.sample_guide_scale}
+                                "sample_guide_scale": variant.sample_guide_scale, "frame_num": variant.frame_num}
         if extra:
             config["wanrt"] = extra  # only non-standard (tiny) models need this; real checkpoints have none
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

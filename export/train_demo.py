@@ -67,7 +67,8 @@ def demo_variant(dim: int = 192, layers: int = 6, vae_dim: int = 16, text_dim: i
                                num_layers=2, text_len=64)
     vae = dataclasses.replace(base.vae, dim=vae_dim)
     return dataclasses.replace(base, name="demo-t2v", dit=dit, text=text, vae=vae, sizes=(f"{SIZE}*{SIZE}",),
-                               sample_steps=20, sample_shift=SHIFT, sample_guide_scale=GUIDE)
+                               sample_steps=20, sample_shift=SHIFT, sample_guide_scale=GUIDE,
+                               frame_num=FRAMES)
 
 
 def render_batch(seed: int, stage: str, step: int, n: int) -> tuple[np.ndarray, list[str]]:

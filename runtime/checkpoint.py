@@ -205,7 +205,8 @@ def _official_variant(root: Path) -> Variant:
     if v.name == "custom" and own:
         v = dataclasses.replace(v, name=own["name"], sizes=tuple(own["sizes"]), sample_steps=own["sample_steps"],
                                 sample_shift=own["sample_shift"],
-                                sample_guide_scale=own.get("sample_guide_scale", v.sample_guide_scale))
+                                sample_guide_scale=own.get("sample_guide_scale", v.sample_guide_scale),
+                                frame_num=own.get("frame_num", v.frame_num))
     return v
 
 

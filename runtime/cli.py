@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import DEMO_MODEL
 from .sampler import SOLVERS
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
@@ -36,8 +37,8 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.engine} is not an engine (no manifest.json): `wanrt export` writes one")
         args.model = args.engine
     if args.model is None:
-        raise ValueError("no --model given: pass an official or diffusers Wan2.1 checkpoint directory "
-                         "(`wanrt random-checkpoint --out DIR` writes a tiny random one for trying things out)")
+        args.model = DEMO_MODEL
+        print("no --model: the embedded demo model (coloured shapes moving, 64x64, 17 frames)")
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"cannot read image {args.image}: no such file")
     start = time.perf_counter()
@@ -107,13 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text-to-video or image-to-video to an mp4")
-    g.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory, or an engine")
+    g.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory, or an engine (default: the "
+                                   "embedded demo model)")
     g.add_argument("--engine", help="an engine directory written by `wanrt export` (verified before use)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--neg_prompt", default="", help="negative prompt (default: the official one)")
     g.add_argument("--image", help="conditioning image for i2v checkpoints")
     g.add_argument("--size", help="width*height, e.g. 832*480 (default: the variant's first size)")
-    g.add_argument("--frame_num", type=int, default=81, help="number of frames, 4n+1")
+    g.add_argument("--frame_num", type=int, help="number of frames, 4n+1 (default: the model's, 81 for Wan2.1)")
     g.add_argument("--sample_steps", type=int, help="default: 50 for t2v, 40 for i2v")
     g.add_argument("--sample_shift", type=float, help="default: 5.0 (3.0 for i2v at 480p)")
     g.add_argument("--sample_guide_scale", type=float, help="default: the model's (5.0 for Wan2.1)")

@@ -112,6 +112,7 @@ class Variant:
     sample_steps: int = 50
     sample_shift: float = 5.0
     sample_guide_scale: float = 5.0
+    frame_num: int = 81
 
     @property
     def task(self) -> str:

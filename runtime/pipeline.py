@@ -204,21 +204,23 @@ class WanPipeline:
             return (frame_num - 1) // st[0] + 1, h // st[1], w // st[2]
         return ((frame_num - 1) // st[0] + 1, *i2v_latent_size(image.shape[1:], w * h, st, v.dit.patch_size))
 
-    def _request(self, size: str | None, frame_num: int, sample_steps: int | None, image):
-        """Validated (size, steps, image tensor or None, latent shape) of a request, with the variant's defaults."""
+    def _request(self, size: str | None, frame_num: int | None, sample_steps: int | None, image):
+        """Validated (size, frames, steps, image tensor or None, latent shape) of a request, with the variant's
+        defaults."""
         v = self.variant
         size = size or (v.sizes[0] if v.sizes else None)
+        frame_num = v.frame_num if frame_num is None else frame_num
         if size is None:
             raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
         steps = v.sample_steps if sample_steps is None else sample_steps
         check_request(self.ckpt, size, frame_num, steps, image)
         img = load_image(image) if image is not None else None
-        return size, steps, img, self.latent_shape(size, frame_num, img)
+        return size, frame_num, steps, img, self.latent_shape(size, frame_num, img)
 
-    def describe_plan(self, size: str | None, frame_num: int, sample_steps: int | None, image=None) -> str:
+    def describe_plan(self, size: str | None, frame_num: int | None, sample_steps: int | None, image=None) -> str:
         """The plan `generate` would follow, and where the blocks live in host memory."""
         v = self.variant
-        size, steps, _, lat = self._request(size, frame_num, sample_steps, image)
+        size, frame_num, steps, _, lat = self._request(size, frame_num, sample_steps, image)
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
@@ -226,13 +228,13 @@ class WanPipeline:
             self.plan(lat, steps).describe() + f"\n  host: {stores}"
 
     @torch.no_grad()
-    def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int = 81,
+    def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int | None = None,
                  sample_steps: int | None = None, sample_shift: float | None = None,
                  sample_guide_scale: float | None = None,
                  sample_solver: str = "unipc", base_seed: int = -1, neg_prompt: str = "",
                  progress: bool = True) -> Video:
         v = self.variant
-        size, steps, img, lat = self._request(size, frame_num, sample_steps, image)
+        size, frame_num, steps, img, lat = self._request(size, frame_num, sample_steps, image)
         if sample_shift is not None:
             shift = sample_shift
         else:  # the official rule for Wan's variants; a model of our own carries its training shift

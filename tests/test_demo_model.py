@@ -1,0 +1,30 @@
+"""The embedded demo model (runtime/demo_model): shipped whole and small, the default of `wanrt generate`, and its
+generations pass the semantic check on the CPU for the 20 fixed seeds at the rate measured when it shipped."""
+import wanrt
+from wanrt.export.synthetic import evaluate
+from wanrt.runtime import DEMO_MODEL
+from wanrt.runtime.cli import main
+
+# Issue 8's target is 0.90; the shipped model measures 0.75 here (0.80 on an H100), so this guards that level only.
+SHIPPED_PASS_RATE = 0.75
+
+
+def test_the_demo_model_is_shipped_small_and_safetensors_only():
+    files = [p for p in DEMO_MODEL.rglob("*") if p.is_file()]
+    assert {"config.json", "spiece.model", "Wan2.1_VAE.safetensors", "diffusion_pytorch_model.safetensors"} <= {
+        p.name for p in files}
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert not [p for p in files if p.suffix in (".pth", ".pt", ".bin")]
+
+
+def test_generate_without_a_model_uses_the_demo_model(tmp_path, capsys):
+    main(["generate", "--prompt", "a red circle moves right on a blue background", "--base_seed", "1", "--device",
+          "cpu", "--out", str(tmp_path / "v.mp4")])
+    assert "embedded demo model" in capsys.readouterr().out
+    assert (tmp_path / "v.mp4").stat().st_size > 0
+
+
+def test_the_demo_model_draws_what_the_prompt_asks():
+    result = evaluate(wanrt.load(device="cpu"))
+    failures = [(r["seed"], r["prompt"], r["why"]) for r in result["results"] if not r["ok"]]
+    assert result["pass_rate"] >= SHIPPED_PASS_RATE, failures
