@@ -79,9 +79,9 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
         require()  # before any work
         if "onnx" not in backends:
             backends = ("onnx", *backends)  # TensorRT builds from the ONNX graph
-    if backends and scheme != "bf16":
-        raise ValueError("compiled backends export bf16 engines for now (quantized Q/DQ graphs are not built yet): "
-                         "use --scheme bf16 with --backends")
+    if scheme != "bf16" and (bf16_only := [b for b in backends if b != "onnx"]):
+        raise ValueError(f"the {', '.join(bf16_only)} backend(s) export bf16 engines for now (a quantized scheme "
+                         "has a Q/DQ graph through --backends onnx): use --scheme bf16 with them")
     ckpt = open_checkpoint(model)
     v = ckpt.variant
     out = Path(out)
@@ -95,7 +95,7 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             _, dit_blocks = split_blocks(dit, v.dit.num_layers)
             _write_blocks("dit", dit, v.dit.num_layers, tmp, transform=lambda b: quantize_block(b, scheme), bar=bar)
             report = fidelity(dit_blocks, scheme)
-            compiled = _compile(v, backends, latents, dit_blocks[0], tmp)
+            compiled = _compile(_with_quant(v, scheme), backends, latents, quantize_block(dit_blocks[0], scheme), tmp)
             del dit, dit_blocks
             _write_blocks("text", ckpt.text_state(), v.text.num_layers, tmp, bar=bar)
             _save(ckpt.vae_state(), tmp / "vae" / "vae.safetensors")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from wanrt.kernels.quantize import quantize_rows
 from wanrt.kernels.scaled_gemm import scaled_mm
 
+from . import qdq
 from .formats import SCHEME_INFO, quantize_linear_weight
 
 
@@ -30,6 +31,10 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         return F.gelu(y, approximate="tanh") if gelu else y
     if weight_scale is None:
         raise ValueError(f"scheme {scheme!r} needs the weight's per-channel weight_scale")
+    if qdq.active():  # an ONNX graph in Q/DQ form (quant/qdq.py)
+        if x_scale is not None:
+            raise ValueError("in a Q/DQ graph each linear quantizes its own activations")
+        return qdq.qdq_linear(x, weight, weight_scale, bias, scheme, gelu)
     act = SCHEME_INFO[scheme].activation_dtype
     if act is None:  # w8a16
         if x_scale is not None:

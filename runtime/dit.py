@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..kernels.attention import attention
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
+from ..quant import qdq
 from ..quant.formats import SCHEME_INFO
 from ..quant.linear import quantized_linear
 from .config import DiTConfig
@@ -138,7 +139,8 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (w["modulation"].float() + e0).chunk(6, dim=1)
     cos, sin = rope
     dtype = compute_dtype(w)
-    act = SCHEME_INFO[cfg.quant].activation_dtype or dtype  # what the norms hand the GEMMs (fp8/int8: quantized)
+    # what the norms hand the GEMMs: fp8/int8 schemes quantized (in a Q/DQ graph the linears quantize themselves)
+    act = dtype if qdq.active() else SCHEME_INFO[cfg.quant].activation_dtype or dtype
     eps = cfg.eps
     parts = spans(x.shape[1], chunk)
 
