@@ -4,11 +4,11 @@ the PyTorch block with onnxruntime as part of export.
 The graph is exported through torch.export (dynamo) for one latent grid: the block's token chunking is Python
 control flow on the token count, so the count is a constant of the graph, as it is of a TensorRT plan built from
 it. It is exported in fp32 from the plain-PyTorch references (the fused Triton kernels are GPU-only); the engine
-records the grid, the input names and the measured error (of the block's update to the residual stream). For the fp8 / int8 / w8a16 schemes the block's linears
-take their Q/DQ form (quant/qdq.py): the weight inputs stay fp8 / int8 with their per-channel scales, and the graph
-quantizes activations per token with QuantizeLinear / DequantizeLinear nodes. Such a graph is checked against the same
-Q/DQ arithmetic in PyTorch (<= 1e-3), and its distance from the runtime's quantized block (whose GEMMs round to bf16)
-is recorded beside it.
+records the grid, the input names and the measured error (of the block's update to the residual stream). For the
+fp8 / int8 / w8a16 schemes the block's linears take their Q/DQ form (quant/qdq.py): the weight inputs stay fp8 / int8
+with their per-channel scales, and the graph quantizes activations per token with QuantizeLinear / DequantizeLinear
+nodes. Such a graph is checked against the same Q/DQ arithmetic in PyTorch (<= 1e-3), and its distance from the
+runtime's quantized block (whose GEMMs round to bf16) is recorded beside it.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Train the embedded demo model on procedural shape videos (export/synthetic.py), reproducibly from a seed:
 
     python -m wanrt.export.train_demo --out DIR [--device cuda] [--vae-steps N] [--dit-steps N]
-    # or in two processes (each under a time limit): the VAE, then the DiT and text encoder on that VAE
-    python -m wanrt.export.train_demo --out VAE_DIR --dit-steps 0
+    # or in three processes (each under a time limit), as the shipped model was (bench/results/demo_train_h100.md):
+    python -m wanrt.export.train_demo --out VAE_DIR --dit-steps 0 --decoder-steps 0
     python -m wanrt.export.train_demo --out DIR --vae-from VAE_DIR --decoder-steps 0
-    python -m wanrt.export.train_demo --out FINAL --dit-from DIR --dit-steps 0   # stage 3 only
+    python -m wanrt.export.train_demo --out FINAL --dit-from DIR --dit-steps 0
 
 Stage 1 trains the Wan-VAE (our WanVAE at small width) as a VAE: reconstruction plus a small KL term, through the same
 causal chunked encode and decode the runtime uses. Its latent mean and std over training videos become the config's
@@ -16,8 +16,9 @@ small configs, weights, tokenizer) with train_log.json: the settings and every s
 VAE's decoder alone on whole clips: stage 1 trains on short clips (fast), which leaves the causal cache of later chunks
 untrained, so their frames decayed into noise. The encoder stays frozen, so the latents the DiT learned stay valid.
 
-Videos are drawn by worker processes, each batch from (seed, stage, step) alone; both stages warm up their learning
+Videos are drawn by worker processes, each batch from (seed, stage, step) alone; the stages warm up their learning
 rate and decay it on a cosine, and the DiT and text encoder are shipped as their exponential moving averages.
+The defaults are the shipped model's settings.
 """
 from __future__ import annotations
 
@@ -323,12 +324,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-steps", type=int, default=3600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dit-batch-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--decoder-steps", type=int, default=600)
+    p.add_argument("--decoder-steps", type=int, default=800)
     p.add_argument("--vae-from", help="a checkpoint of this script whose VAE to keep (stage 1 is skipped)")
     p.add_argument("--dit-from", help="a checkpoint of this script whose VAE, text encoder and DiT to start from "
                                       "(stage 1 skipped; stage 2 continues for --dit-steps, 0 keeps them)")
