@@ -142,14 +142,27 @@ class Progress:
             self.last, self.losses = now, []
 
 
-def shape_weights(video: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
-    """Per-pixel loss weights [n, 1, F, H, W]: `weight` where the shape is (far from its row's median over the clip,
-    the background), 1 elsewhere. The shape covers a few percent of the frame, but its colour is what the prompt
-    names."""
+def shape_mask(video: torch.Tensor) -> torch.Tensor:
+    """Where the shape is, [n, 1, F, H, W] bool: far from its row's median over the clip (the background)."""
     n, c, f, h, w = video.shape
     background = video.permute(0, 1, 3, 2, 4).reshape(n, c, h, f * w).median(-1).values[:, :, None, :, None]
-    shape = (video - background).norm(dim=1, keepdim=True) > 0.2
-    return 1 + (weight - 1) * shape.float()
+    return (video - background).norm(dim=1, keepdim=True) > 0.2
+
+
+def shape_weights(video: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
+    """Per-pixel loss weights [n, 1, F, H, W]: `weight` where the shape is, 1 elsewhere. The shape covers a few percent
+    of the frame, but its colour is what the prompt names."""
+    return 1 + (weight - 1) * shape_mask(video).float()
+
+
+def latent_shape_weights(video: torch.Tensor, weight: float, stride: tuple[int, int, int]) -> torch.Tensor:
+    """shape_weights on the latent grid [n, 1, F', H', W']: `weight` at each latent position that encodes any of the
+    shape's pixels (the first frame alone, then `stride` frames x pixels per position), 1 elsewhere."""
+    shape = shape_mask(video).float()
+    st, sh, sw = stride
+    rest = F.max_pool3d(shape[:, :, 1:], stride) if shape.shape[2] > 1 else shape[:, :, :0]
+    first = F.max_pool3d(shape[:, :, :1], (1, sh, sw))
+    return 1 + (weight - 1) * torch.cat([first, rest], 2)
 
 
 def train_vae(vae: WanVAE, data, steps: int, device, log: list, stage: str = "vae") -> None:
@@ -213,8 +226,10 @@ class EMA:
 
 
 def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer, data, steps: int, device, log: list,
-              g: torch.Generator, lr: float = 1e-3, uncond: float = 0.1) -> None:
-    """Flow matching; the EMA weights end up in `dit` and `text`."""
+              g: torch.Generator, lr: float = 1e-3, uncond: float = 0.1, shape_weight: float = 1.0) -> None:
+    """Flow matching; the EMA weights end up in `dit` and `text`. With `shape_weight` > 1 the latent positions of
+    the shape weigh that much more in the loss (the shape is a few percent of the frame; its colour is what the
+    prompt names)."""
     params = [*dit.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched, progress, ema = schedule(opt, steps), Progress("dit", steps), EMA(params)
@@ -225,14 +240,19 @@ def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer,
         n = len(prompts)
         drop = torch.rand(n, generator=g) < uncond
         prompts = [neg if d else p for d, p in zip(drop.tolist(), prompts)]
+        video = to_tensor(videos, device)
         with torch.no_grad():
             # normalised mu: the pipeline's latents
-            x0 = (encode_moments(vae, to_tensor(videos, device))[0] - mean) / std
+            x0 = (encode_moments(vae, video)[0] - mean) / std
         u = torch.rand(n, generator=g)
         s = (SHIFT * u / (1 + (SHIFT - 1) * u)).to(device).view(-1, 1, 1, 1, 1)  # the inference schedule's shift
         noise = torch.randn(x0.shape, generator=g).to(device)
         v = dit((1 - s) * x0 + s * noise, s.flatten() * 1000, context(text, tokenizer, prompts, device))
-        loss = F.mse_loss(v, noise - x0)
+        if shape_weight == 1:
+            loss = F.mse_loss(v, noise - x0)
+        else:
+            weights = latent_shape_weights(video, shape_weight, vae.cfg.stride)
+            loss = (weights * (v - (noise - x0)).pow(2)).sum() / (weights.sum() * v.shape[1])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -247,7 +267,7 @@ def train_dit(dit: WanDiT, text: UMT5Encoder, vae: WanVAE, tokenizer: Tokenizer,
 def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device: str = "cpu",
           variant: Variant | None = None, batch_size: int = 32, dit_batch_size: int | None = None,
           workers: int = 0, vae_from: str | Path | None = None, decoder_steps: int = 0,
-          dit_from: str | Path | None = None) -> Path:
+          dit_from: str | Path | None = None, dit_shape_weight: float = 1.0) -> Path:
     """Train the three stages and write the checkpoint to `out` (atomically); returns its path. The result depends on
     the seed, the settings and the device, not on `workers`. The stages can run in separate processes, each within a
     time limit: with `vae_from` (a checkpoint this function wrote, e.g. with dit_steps=0) stage 1 is skipped and its
@@ -284,7 +304,8 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
             text.load_state_dict(ckpt.text_state())
         # a continued run (dit_from) starts from trained weights: a lower peak rate keeps it from undoing them
         with batches(seed, "dit", dit_steps, dit_batch_size or batch_size, workers) as data:
-            train_dit(dit, text, vae, tokenizer, data, dit_steps, device, log, g, lr=1e-3 if dit_from is None else 3e-4)
+            train_dit(dit, text, vae, tokenizer, data, dit_steps, device, log, g, lr=1e-3 if dit_from is None else 3e-4,
+                      shape_weight=dit_shape_weight)
         seconds["dit"] = round(time.perf_counter() - start - seconds["vae"], 1)
         with batches(seed, "decoder", decoder_steps, batch_size, workers) as data:
             train_vae(vae, data, decoder_steps, device, log, stage="decoder")
@@ -297,7 +318,7 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
     shutil.rmtree(tok_dir)  # copied into the checkpoint
     settings = {"seed": seed, "vae_steps": vae_steps, "dit_steps": dit_steps, "batch_size": batch_size,
                 "dit_batch_size": dit_batch_size or batch_size, "vae_frames": VAE_FRAMES,
-                "decoder_steps": decoder_steps,
+                "decoder_steps": decoder_steps, "dit_shape_weight": dit_shape_weight,
                 **{k: None if p is None else Path(p).name for k, p in (("vae_from", vae_from), ("dit_from", dit_from))},
                 "frames": FRAMES, "size": SIZE, "shift": SHIFT, "device": device,
                 "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
@@ -330,6 +351,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--decoder-steps", type=int, default=800)
+    p.add_argument("--dit-shape-weight", type=float, default=1.0,
+                   help="weight of the shape's latent positions in the DiT's loss (1: plain flow matching, as shipped)")
     p.add_argument("--vae-from", help="a checkpoint of this script whose VAE to keep (stage 1 is skipped)")
     p.add_argument("--dit-from", help="a checkpoint of this script whose VAE, text encoder and DiT to start from "
                                       "(stage 1 skipped; stage 2 continues for --dit-steps, 0 keeps them)")
@@ -337,7 +360,7 @@ def main() -> None:
     a = p.parse_args()
     path = train(a.out, a.vae_steps, a.dit_steps, a.seed, a.device, batch_size=a.batch_size,
                  dit_batch_size=a.dit_batch_size, workers=a.workers, vae_from=a.vae_from,
-                 decoder_steps=a.decoder_steps, dit_from=a.dit_from)
+                 decoder_steps=a.decoder_steps, dit_from=a.dit_from, dit_shape_weight=a.dit_shape_weight)
     print(f"wrote {path}")
 
 

@@ -61,9 +61,31 @@ def test_the_decoder_stage_keeps_the_encoder_and_dit(tmp_path):
         else:
             assert not changed, (name, changed)
     assert wanrt.load(final, device="cpu").variant.vae == wanrt.load(first, device="cpu").variant.vae
-    # stage 2 continued from there: the DiT moves, the VAE stays
-    more = train(tmp_path / "more", vae_steps=0, dit_steps=1, seed=1, variant=variant, batch_size=2, dit_from=final)
+    # stage 2 continued from there (with the shape's latents weighted up): the DiT moves, the VAE stays
+    more = train(tmp_path / "more", vae_steps=0, dit_steps=1, seed=1, variant=variant, batch_size=2, dit_from=final,
+                 dit_shape_weight=4.0)
+    assert json.loads((more / "train_log.json").read_text())["settings"]["dit_shape_weight"] == 4.0
     a, b = (load_file(p / "diffusion_pytorch_model.safetensors") for p in (final, more))
     assert any(not a[k].equal(b[k]) for k in a)
     a, b = (load_file(p / "Wan2.1_VAE.safetensors") for p in (final, more))
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_latent_shape_weights_mark_the_latent_positions_of_the_shape():
+    """On the latent grid of a rendered clip (first frame alone, then 4 frames x 8x8 pixels per position): the
+    weight where any of those pixels is the shape's, 1 elsewhere; the DiT's loss takes it with --dit-shape-weight."""
+    import torch
+
+    from wanrt.export.synthetic import Scene, render
+    from wanrt.export.train_demo import latent_shape_weights, to_tensor
+
+    scene = Scene("red", "square", "moves right", "blue", ((40, 70, 220), (40, 70, 220)))
+    video = to_tensor(render(scene, 17, 64, seed=3)[None], "cpu")
+    weights = latent_shape_weights(video, 4.0, (4, 8, 8))
+    assert weights.shape == (1, 1, 5, 8, 8) and set(weights.unique().tolist()) == {1.0, 4.0}
+    shape = (video - video[:, :, :, :1, :1]).abs().amax(1) > 0.2  # the background is plain: its corner pixel
+    for lf, frames in enumerate([[0]] + [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(4)]):
+        want = shape[0, frames].any(0).reshape(8, 8, 8, 8).any(3).any(1)
+        assert torch.equal(weights[0, 0, lf] > 1, want)
+    centre = [(weights[0, 0, f] > 1).nonzero().float()[:, 1].mean() for f in range(5)]
+    assert centre[0] < centre[-1]  # it moves right
