@@ -1,9 +1,9 @@
 """The demo model's semantic check under every engine scheme, memory plan and attention kernel (a GPU script).
 
-    python -m wanrt.bench.demo_check --model DIR --out bench/results/demo_check_h100
+    python -m wanrt.bench.demo_check [--model DIR] [--schemes bf16,fp8] --out bench/results/demo_check_h100
 
-The demo model (a checkpoint written by `python -m wanrt.export.train_demo`) is exported once per scheme; each engine generates the 20 fixed prompts and
-seeds of `wanrt.export.synthetic.evaluate` (the bf16 engine with each attention kernel this GPU supports, the others
+The demo model (the shipped one, or a checkpoint written by `python -m wanrt.export.train_demo`) is exported once
+per scheme; each engine generates the 20 fixed prompts and seeds of `wanrt.export.synthetic.evaluate` (the bf16 engine with each attention kernel this GPU supports, the others
 with SDPA), planned for the default budget (everything resident: the model is tiny) and with every streaming path
 forced (blocks through two slots, chunked tokens, one prompt at a time, tiled decode). A row passes at >= 90% of its
 videos.
@@ -23,6 +23,7 @@ from wanrt.export.engine import export_engine
 from wanrt.export.synthetic import evaluate
 from wanrt.kernels.attention import MIN_CAPABILITY
 from wanrt.quant.formats import SCHEMES
+from wanrt.runtime import DEMO_MODEL
 from wanrt.runtime.engine import open_engine
 from wanrt.runtime.pipeline import WanPipeline
 from wanrt.runtime.plan import PhasePlan, Plan
@@ -44,12 +45,12 @@ def forced_streaming(plan: Plan) -> Plan:
     return dataclasses.replace(plan, phases=tuple(force(p) for p in plan.phases))
 
 
-def run(model: Path, out: Path) -> dict:
+def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES) -> dict:
     cap = torch.cuda.get_device_capability()
     attention = [a for a in ATTENTION if cap >= MIN_CAPABILITY.get(a, (0, 0))]
     report = {"machine": gpu_info(), "model": str(model.name), "pass_rate_needed": PASS_RATE, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in SCHEMES:
+        for scheme in schemes:
             engine = open_engine(export_engine(model, Path(tmp) / scheme, scheme, progress=False))
             for mode in attention if scheme == "bf16" else ("sdpa",):  # the kernels with bf16 weights, then SDPA
                 v = engine.variant
@@ -87,10 +88,11 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="the demo model's checkpoint directory")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a demo model's checkpoint (default: the shipped one)")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="engine schemes to check (split a run over calls)")
     p.add_argument("--out", type=Path, default=Path("bench/results/demo_check"))
     a = p.parse_args()
-    report = run(a.model, a.out)
+    report = run(a.model, a.out, tuple(a.schemes.split(",")))
     print(markdown(report))
     failed = [r for r in report["rows"] if r["pass_rate"] < PASS_RATE]
     raise SystemExit(f"{len(failed)} rows below {PASS_RATE:.0%}" if failed else 0)
