@@ -3,10 +3,10 @@
     python -m wanrt.bench.demo_check [--model DIR] [--schemes bf16,fp8] --out bench/results/demo_check_h100
 
 The demo model (the shipped one, or a checkpoint written by `python -m wanrt.export.train_demo`) is exported once
-per scheme; each engine generates the 20 fixed prompts and seeds of `wanrt.export.synthetic.evaluate` (the bf16 engine with each attention kernel this GPU supports, the others
-with SDPA), planned for the default budget (everything resident: the model is tiny) and with every streaming path
-forced (blocks through two slots, chunked tokens, one prompt at a time, tiled decode). A row passes at >= 90% of its
-videos.
+per scheme; each engine generates the 20 fixed prompts and seeds of `wanrt.export.synthetic.evaluate` (the bf16
+engine with each attention kernel this GPU supports, the others with SDPA), planned for the default budget
+(everything resident: the model is tiny) and with every streaming path forced (blocks through two slots, chunked
+tokens, one prompt at a time, tiled decode). A row passes at >= 90% of its videos.
 """
 from __future__ import annotations
 
