@@ -21,7 +21,7 @@ import wanrt
 from wanrt.quant.formats import QUANTIZED_LINEARS, SCHEMES, quantize_block
 from wanrt.quant.linear import linear_error_report
 from wanrt.runtime.checkpoint import open_checkpoint
-from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_engine, sha256, variant_to_json
+from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_engine, sha256_all, variant_to_json
 from wanrt.runtime.stream import split_blocks
 
 from .random_checkpoint import _jsonable, atomic_dir
@@ -105,8 +105,9 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             bar.update(1)
             shutil.copytree(ckpt.tokenizer_dir, tmp / "tokenizer")
             bar.update(1)
-        files = {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(tmp)): {"sha256": h, "bytes": p.stat().st_size}
+                 for p, h in zip(paths, sha256_all(paths))}
         variant = variant_to_json(_with_quant(v, scheme))
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wanrt_version": wanrt.__version__,

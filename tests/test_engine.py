@@ -2,6 +2,7 @@
 kind of tampering refused with a clear error before any model is built."""
 import dataclasses
 import json
+import os
 import shutil
 import sys
 
@@ -100,6 +101,19 @@ def test_tampered_engines_are_refused(engine_copy, tamper, message):
     tamper(engine_copy)
     with pytest.raises(EngineError, match=message):
         open_engine(engine_copy, capability=(9, 0))
+
+
+def test_sha256_all_hashes_each_file_in_order(tmp_path):
+    import hashlib
+
+    from wanrt.runtime.engine import sha256_all
+
+    datas = [os.urandom(n) for n in (0, 1, 3 * 2**20 + 5, 1000)]
+    paths = []
+    for i, data in enumerate(datas):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(data)
+    assert sha256_all(paths) == [hashlib.sha256(d).hexdigest() for d in datas]
 
 
 def test_engine_for_a_gpu_on_a_machine_without_one(engine_copy):
