@@ -1,12 +1,13 @@
 """The demo model's semantic check under every engine scheme, memory plan and attention kernel (a GPU script).
 
-    python -m wanrt.bench.demo_check [--model DIR] [--schemes bf16,fp8] --out bench/results/demo_check_h100
+    python -m wanrt.bench.demo_check [--model DIR] [--schemes bf16,fp8] [--attention sdpa]
+                                     [--settings default,streamed,slots,chunks,text,tiles] --out DIR
 
 The demo model (the shipped one, or a checkpoint written by `python -m wanrt.export.train_demo`) is exported once
 per scheme; each engine generates the 20 fixed prompts and seeds of `wanrt.export.synthetic.evaluate` (the bf16
 engine with each attention kernel this GPU supports, the others with SDPA), planned for the default budget
 (everything resident: the model is tiny) and with every streaming path forced (blocks through two slots, chunked
-tokens, one prompt at a time, tiled decode). A row passes at >= 90% of its videos.
+tokens, one prompt at a time, tiled decode), or one of those paths alone. A row passes at >= 90% of its videos.
 """
 from __future__ import annotations
 
@@ -33,21 +34,31 @@ ATTENTION = ("sdpa", "fp8", "int8")
 LAT, STEPS = (5, 8, 8), 20  # 64x64, 17 frames
 
 
-def forced_streaming(plan: Plan) -> Plan:
-    """Every block streamed through two slots, one prompt encoded at a time, 32-token chunks and 4x4-latent decode
-    tiles: the paths a full-size model takes under a small budget, which the tiny model never needs (it fits any)."""
+PATHS = ("slots", "chunks", "text", "tiles")
+# a setting: the streaming paths it forces ("streamed": all; one path alone tells which of them changes the result)
+SETTINGS = {"default": (), "streamed": PATHS, **{path: (path,) for path in PATHS}}
+
+
+def forced_streaming(plan: Plan, paths: tuple[str, ...] = PATHS) -> Plan:
+    """The plan with the streaming paths a full-size model takes under a small budget, which the tiny model never
+    needs (it fits any): every block streamed through two slots ("slots"), 32-token chunks ("chunks"), one prompt
+    encoded at a time ("text"), 4x4-latent decode tiles ("tiles")."""
     def force(p: PhasePlan) -> PhasePlan:
-        if p.blocks is not None:
+        if "slots" in paths and p.blocks is not None:
             p = dataclasses.replace(p, blocks=dataclasses.replace(p.blocks, resident=0, slots=2))
-        chunk = {"text": 1, "denoise": 32}.get(p.name, p.chunk)
-        return dataclasses.replace(p, chunk=chunk, tile=(4, 4) if p.name == "decode" else p.tile)
+        if ("text" in paths and p.name == "text") or ("chunks" in paths and p.name == "denoise"):
+            p = dataclasses.replace(p, chunk=1 if p.name == "text" else 32)
+        if "tiles" in paths and p.name == "decode":
+            p = dataclasses.replace(p, tile=(4, 4))
+        return p
 
     return dataclasses.replace(plan, phases=tuple(force(p) for p in plan.phases))
 
 
-def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES) -> dict:
+def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES, settings: tuple[str, ...] = ("default", "streamed"),
+        attention_modes: tuple[str, ...] = ATTENTION) -> dict:
     cap = torch.cuda.get_device_capability()
-    attention = [a for a in ATTENTION if cap >= MIN_CAPABILITY.get(a, (0, 0))]
+    attention = [a for a in attention_modes if cap >= MIN_CAPABILITY.get(a, (0, 0))]
     report = {"machine": gpu_info(), "model": str(model.name), "pass_rate_needed": PASS_RATE, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in schemes:
@@ -56,11 +67,11 @@ def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES) -> dict:
                 v = engine.variant
                 source = dataclasses.replace(engine, variant=dataclasses.replace(
                     v, dit=dataclasses.replace(v.dit, attention=mode)))
-                for setting in ("default", "streamed"):
+                for setting in settings:
                     pipe = WanPipeline(source, device="cuda")
-                    if setting == "streamed":
+                    if SETTINGS[setting]:
                         plan = pipe.plan
-                        pipe.plan = lambda *a, plan=plan: forced_streaming(plan(*a))
+                        pipe.plan = lambda *a, plan=plan, paths=SETTINGS[setting]: forced_streaming(plan(*a), paths)
                     start = time.perf_counter()
                     result = evaluate(pipe)
                     report["rows"].append({
@@ -88,11 +99,16 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a demo model's checkpoint (default: the shipped one)")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a demo model (default: the shipped one)")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="engine schemes to check (split a run over calls)")
+    p.add_argument("--settings", default="default,streamed", help=f"plans to check, of {', '.join(SETTINGS)}")
+    p.add_argument("--attention", default=",".join(ATTENTION), help="attention kernels of the bf16 engine")
     p.add_argument("--out", type=Path, default=Path("bench/results/demo_check"))
     a = p.parse_args()
-    report = run(a.model, a.out, tuple(a.schemes.split(",")))
+    if unknown := set(a.settings.split(",")) - set(SETTINGS):
+        p.error(f"unknown settings {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
+    report = run(a.model, a.out, tuple(a.schemes.split(",")), tuple(a.settings.split(",")),
+                 tuple(a.attention.split(",")))
     print(markdown(report))
     failed = [r for r in report["rows"] if r["pass_rate"] < PASS_RATE]
     raise SystemExit(f"{len(failed)} rows below {PASS_RATE:.0%}" if failed else 0)
