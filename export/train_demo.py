@@ -323,9 +323,9 @@ def train(out: str | Path, vae_steps: int, dit_steps: int, seed: int = 0, device
                 "frames": FRAMES, "size": SIZE, "shift": SHIFT, "device": device,
                 "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
                 "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)}, "torch": torch.__version__}
-    earlier = Path(dit_from or vae_from or "") / "train_log.json"
-    if (dit_from or vae_from) and earlier.exists():  # the stages run before, in another process: one record of all
-        before = json.loads(earlier.read_text())
+    source = dit_from or vae_from  # the stages run before, in another process: one record of them all
+    if source is not None and (Path(source) / "train_log.json").exists():
+        before = json.loads((Path(source) / "train_log.json").read_text())
         settings["before"], log = before["settings"], before["log"] + log
     (path / "train_log.json").write_text(json.dumps({"settings": settings, "log": log}, indent=1))
     return path
