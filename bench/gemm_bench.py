@@ -10,7 +10,7 @@ the winners are printed as CONFIGS lines for kernels/scaled_gemm.py. Times: trit
 L2 flushed between calls), random data (activations N(0, 1), weights N(0, 1/K), bias N(0, 0.02^2)). Relative
 errors are ||y - y_bf16|| / ||y_bf16|| against the bf16 F.linear output. Any peer may fail (missing library,
 unsupported GPU, out of resources): its error goes in the report and the run goes on. The report is rewritten
-after each shape. A full run compiles some 25 kernel variants (cached by Triton between runs) and times ~35
+after each shape. A full run compiles some 40 kernel variants (cached by Triton between runs) and times ~50
 candidates per shape: split it with --shapes to stay under a time limit.
 """
 from __future__ import annotations
@@ -41,7 +41,12 @@ PEERS = ("bf16", "producer", "scaled_mm", "fp8", "int8", "w8a16", "bnb", "quanto
 C = block_config
 SWEEP_8BIT = [C(128, 256, 128, 8, 3), C(128, 256, 128, 8, 4), C(128, 256, 64, 8, 4), C(256, 128, 128, 8, 3),
               C(128, 128, 128, 8, 4), C(128, 128, 128, 4, 4), C(128, 256, 128, 8, 3, persistent=True),
-              C(128, 128, 128, 8, 4, persistent=True)]
+              C(128, 128, 128, 8, 4, persistent=True),
+              # TMA descriptor loads (sm_90+), then warp specialization (may not compile on Hopper: run() records it)
+              C(128, 256, 128, 8, 3, tma=True), C(128, 256, 128, 8, 4, tma=True), C(256, 128, 128, 8, 3, tma=True),
+              C(256, 128, 128, 8, 4, tma=True), C(128, 256, 128, 8, 3, persistent=True, tma=True),
+              C(256, 128, 128, 8, 3, persistent=True, tma=True), C(128, 256, 128, 8, 3, tma=True, ws=True),
+              C(128, 256, 128, 8, 3, persistent=True, tma=True, ws=True)]
 SWEEP_W8A16 = [C(128, 256, 64, 8, 3), C(128, 256, 64, 8, 4), C(128, 128, 64, 8, 4), C(128, 128, 64, 4, 4),
                C(64, 256, 64, 4, 4), C(128, 128, 128, 8, 3), C(128, 256, 64, 8, 3, persistent=True)]
 
@@ -60,13 +65,15 @@ def sync() -> None:
 def cfg_name(cfg: dict) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']} "
             f"g{cfg['GROUP_M']}{' persistent' if cfg.get('PERSISTENT') else ''}"
+            f"{' tma' if cfg.get('TMA') else ''}{' ws' if cfg.get('WARP_SPECIALIZE') else ''}"
             f"{' imprecise<=' + str(cfg['MAX_IMPRECISE_ACC']) if cfg.get('MAX_IMPRECISE_ACC') else ''}")
 
 
 def cfg_code(cfg: dict) -> str:
     """The config as it reads in kernels/scaled_gemm.py CONFIGS."""
     code = (f"block_config({cfg['BLOCK_M']}, {cfg['BLOCK_N']}, {cfg['BLOCK_K']}, {cfg['num_warps']}, "
-            f"{cfg['num_stages']}, group={cfg['GROUP_M']}, persistent={bool(cfg.get('PERSISTENT'))})")
+            f"{cfg['num_stages']}, group={cfg['GROUP_M']}, persistent={bool(cfg.get('PERSISTENT'))}"
+            f"{', tma=True' if cfg.get('TMA') else ''}{', ws=True' if cfg.get('WARP_SPECIALIZE') else ''})")
     if cfg.get("MAX_IMPRECISE_ACC"):
         code = f"dict({code}, MAX_IMPRECISE_ACC={cfg['MAX_IMPRECISE_ACC']})"
     return code

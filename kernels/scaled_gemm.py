@@ -23,6 +23,11 @@ of time (CONFIGS, filled from bench/gemm_bench.py sweeps on an H100), never auto
 
 M, N and K tails are handled: rows and columns past the end are clamped to row/column 0 for the loads (always in
 bounds, no load masks) and masked at the store; the K loop is masked only when K is not a multiple of BLOCK_K.
+
+TMA (fp8 and int8, sm_90+) loads the A and B tiles through host-built tensor descriptors instead of pointer loads:
+the TMA unit zero-fills rows, columns and K past the end, so nothing is clamped or masked but the store.
+WARP_SPECIALIZE (sm_90+; Triton documents it for Blackwell first) asks Triton to split the K loop, or the persistent
+tile loop, into producer and consumer warps. Both are sweep candidates, off in the table until measured.
 """
 from __future__ import annotations
 
@@ -47,10 +52,11 @@ class UnsupportedGemmError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------------- configs
 def block_config(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8,
-                 persistent: bool = False) -> dict:
-    """A launch config: BLOCK_M x BLOCK_N tiles, BLOCK_K steps, GROUP_M, num_warps, num_stages, PERSISTENT."""
+                 persistent: bool = False, tma: bool = False, ws: bool = False) -> dict:
+    """A launch config: BLOCK_M x BLOCK_N tiles, BLOCK_K steps, GROUP_M, num_warps, num_stages, PERSISTENT, TMA
+    (descriptor loads) and WARP_SPECIALIZE."""
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages,
-                PERSISTENT=persistent)
+                PERSISTENT=persistent, TMA=tma, WARP_SPECIALIZE=ws)
 
 
 # Hopper (sm_90) configs for the Wan2.1 linears above SMALL_M tokens, keyed (mode, N, K) = (mode, out, in features).
@@ -139,6 +145,23 @@ def _mma_step(acc, a_ptrs, b_ptrs, k_left, EVEN_K: tl.constexpr, UPCAST_B: tl.co
         offs_k = tl.arange(0, BLOCK_K)
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    return _dot(acc, a, b, UPCAST_B, INT_ACC, DOT_FP32, MAX_IMPRECISE_ACC)
+
+
+@triton.jit
+def _tma_step(acc, a_desc, b_desc, off_m, off_n, k, INT_ACC: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr):
+    """acc += A[off_m:, k:] @ B[off_n:, k:]^T, one tile each through TMA descriptors, which zero-fill rows, columns
+    and K past the end (8-bit modes only, so no UPCAST_B or DOT_FP32). B is [BLOCK_N, BLOCK_K]: its transpose is a
+    shared-memory view, the K-major operand wgmma reads."""
+    a = a_desc.load([off_m, k])
+    b = b_desc.load([off_n, k])
+    return _dot(acc, a, b.T, False, INT_ACC, False, MAX_IMPRECISE_ACC)
+
+
+@triton.jit
+def _dot(acc, a, b, UPCAST_B: tl.constexpr, INT_ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+         MAX_IMPRECISE_ACC: tl.constexpr):
+    """acc += a [BLOCK_M, BLOCK_K] @ b [BLOCK_K, BLOCK_N] (flags as in `_mma_step`)."""
     if DOT_FP32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif UPCAST_B:
@@ -177,24 +200,31 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                       HAS_A_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                       UPCAST_B: tl.constexpr, INT_ACC: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
                       MAX_IMPRECISE_ACC: tl.constexpr = None):
-    """One output tile per program (see the module docstring for the math and the flags)."""
+    """One output tile per program (see the module docstring for the math and the flags). Under TMA, a_ptr and
+    b_ptr are tensor descriptors of A [M, K] and B [N, K]."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    a_rows, b_rows = _operand_rows(pid_m, pid_n, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + b_rows[None, :] + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
     if INT_ACC:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ki in range(0, tl.cdiv(K, BLOCK_K)):
-        acc = _mma_step(acc, a_ptrs, b_ptrs, K - ki * BLOCK_K, EVEN_K, UPCAST_B, INT_ACC, DOT_FP32, BLOCK_K,
-                        MAX_IMPRECISE_ACC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if TMA:
+        for ki in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+            acc = _tma_step(acc, a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, ki * BLOCK_K, INT_ACC,
+                            MAX_IMPRECISE_ACC)
+    else:
+        a_rows, b_rows = _operand_rows(pid_m, pid_n, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        b_ptrs = b_ptr + b_rows[None, :] + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
+        for ki in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+            acc = _mma_step(acc, a_ptrs, b_ptrs, K - ki * BLOCK_K, EVEN_K, UPCAST_B, INT_ACC, DOT_FP32, BLOCK_K,
+                            MAX_IMPRECISE_ACC)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     _epilogue(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, b_scale_ptr, bias_ptr,
               HAS_A_SCALE, HAS_BIAS, GELU, BLOCK_M, BLOCK_N)
 
@@ -206,10 +236,13 @@ def _scaled_mm_persistent_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr
                                  UPCAST_B: tl.constexpr, INT_ACC: tl.constexpr, DOT_FP32: tl.constexpr,
                                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                                 TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
                                  MAX_IMPRECISE_ACC: tl.constexpr = None):
     """NUM_SMS programs, each taking every NUM_SMS-th tile in grouped order. The tile and K loops are flattened
     into one pipelined loop (Triton's persistent-matmul tutorial), so loads for the next tile overlap the epilogue.
-    The epilogue recomputes its tile from a second counter, as the tutorial does to keep the pipeliner happy."""
+    The epilogue recomputes its tile from a second counter, as the tutorial does to keep the pipeliner happy.
+    WARP_SPECIALIZE specializes the tile loop instead of flattening it (the tutorial: Hopper's warp specialization
+    does not work on a flattened loop). Under TMA, a_ptr and b_ptr are tensor descriptors."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -217,18 +250,24 @@ def _scaled_mm_persistent_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr
     start_pid = tl.program_id(0)
     tile_id_c = start_pid - NUM_SMS
     offs_k = tl.arange(0, BLOCK_K)
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=not WARP_SPECIALIZE,
+                            warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        a_rows, b_rows = _operand_rows(pid_m, pid_n, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N)
         if INT_ACC:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a_ptrs = a_ptr + a_rows[:, None] + (ki * BLOCK_K + offs_k)[None, :]
-            b_ptrs = b_ptr + b_rows[None, :] + (ki * BLOCK_K + offs_k)[:, None]
-            acc = _mma_step(acc, a_ptrs, b_ptrs, K - ki * BLOCK_K, EVEN_K, UPCAST_B, INT_ACC, DOT_FP32, BLOCK_K,
-                            MAX_IMPRECISE_ACC)
+        if TMA:
+            for ki in range(k_tiles):
+                acc = _tma_step(acc, a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, ki * BLOCK_K, INT_ACC,
+                                MAX_IMPRECISE_ACC)
+        else:
+            a_rows, b_rows = _operand_rows(pid_m, pid_n, M, N, stride_am, stride_bn, BLOCK_M, BLOCK_N)
+            for ki in range(k_tiles):
+                a_ptrs = a_ptr + a_rows[:, None] + (ki * BLOCK_K + offs_k)[None, :]
+                b_ptrs = b_ptr + b_rows[None, :] + (ki * BLOCK_K + offs_k)[:, None]
+                acc = _mma_step(acc, a_ptrs, b_ptrs, K - ki * BLOCK_K, EVEN_K, UPCAST_B, INT_ACC, DOT_FP32,
+                                BLOCK_K, MAX_IMPRECISE_ACC)
         tile_id_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         _epilogue(acc, pid_m, pid_n, M, N, out_ptr, stride_om, a_scale_ptr, b_scale_ptr, bias_ptr,
@@ -291,13 +330,28 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _tma_descriptors(mode: str, a2: torch.Tensor, b: torch.Tensor, cfg: dict):
+    """Host-built TMA descriptors of A [M, K] and B [N, K] for a TMA config (as kernels/attention.py builds its own:
+    no device-side allocator needed), after checking what TMA needs."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if mode == "w8a16":
+        raise ValueError("TMA is implemented for the 8-bit modes (fp8, int8), not w8a16; use TMA=False")
+    for name, t in (("a", a2), ("b", b)):
+        if t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
+            raise ValueError(f"TMA needs {name} with a 16-byte aligned base and row stride (K a multiple of 16 for "
+                             f"8-bit operands), got row stride {t.stride(0)}; use TMA=False")
+    return (TensorDescriptor.from_tensor(a2, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+            TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]]))
+
+
 def scaled_mm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16,
                      config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel: a [..., K], b [N, K], a_scale [...] fp32 (None for w8a16), b_scale [N] fp32, bias [N]
     -> [..., N] in out_dtype (or into `out`, a contiguous [..., N] tensor). `config` overrides `pick_config`
-    (keys BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; optional PERSISTENT and, for fp8,
-    MAX_IMPRECISE_ACC)."""
+    (keys BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; optional PERSISTENT, TMA, WARP_SPECIALIZE
+    and, for fp8, MAX_IMPRECISE_ACC)."""
     mode = gemm_mode(a, b, a_scale)
     M, N, K = _check_shapes(a, b, a_scale, b_scale, bias)
     lead = a.shape[:-1]
@@ -321,13 +375,16 @@ def scaled_mm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | N
 
     cap = capability(a.device)
     cfg = dict(config) if config is not None else pick_config(mode, M, N, K, cap)
+    if (cfg.get("TMA") or cfg.get("WARP_SPECIALIZE")) and cap is not None and cap < HOPPER:
+        raise ValueError(f"TMA and WARP_SPECIALIZE need sm_90+; this GPU is sm_{cap[0]}{cap[1]}")
     persistent = cfg.pop("PERSISTENT", False)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     flags = dict(HAS_A_SCALE=a_scale is not None, HAS_BIAS=bias is not None, GELU=bool(gelu),
                  UPCAST_B=mode == "w8a16", INT_ACC=mode == "int8", EVEN_K=K % cfg["BLOCK_K"] == 0,
                  DOT_FP32=mode == "w8a16" and os.environ.get("TRITON_INTERPRET") == "1")
-    args = (a2, b, out2, a_scale if a_scale is not None else b_scale, b_scale, bias if bias is not None else b_scale,
-            M, N, K, a2.stride(0), b.stride(0), out2.stride(0))
+    a_arg, b_arg = _tma_descriptors(mode, a2, b, cfg) if cfg.get("TMA") else (a2, b)
+    args = (a_arg, b_arg, out2, a_scale if a_scale is not None else b_scale, b_scale,
+            bias if bias is not None else b_scale, M, N, K, a2.stride(0), b.stride(0), out2.stride(0))
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     if persistent:
         sms = _num_sms(a.device.index if a.device.type == "cuda" else None)

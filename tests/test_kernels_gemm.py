@@ -140,3 +140,33 @@ def test_config_table_fits_hopper_shared_memory():
         assert K % cfg["BLOCK_K"] == 0, (mode, N, K)
         assert pick_config(mode, 32760, N, K, (9, 0)) == cfg
     assert pick_config("fp8", 512, 1536, 1536, (9, 0))["BLOCK_M"] == 64  # the text context: small tiles
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("persistent, ws", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("M, N, K", [(70, 48, 80), (64, 64, 64)])
+def test_tma_matches_reference(mode, persistent, ws, M, N, K):
+    """TMA descriptor loads (zero-filled M, N and K tails: 70 x 48 x 80 over 32-wide blocks; then an aligned
+    shape), with and without warp specialization (a compiler hint, ignored by the interpreter), into a NaN-filled
+    buffer so any element the kernel skips shows."""
+    a, b, a_scale, b_scale = operands(mode, (M,), N, K)
+    bias = torch.randn(N)
+    out = torch.full((M, N), float("nan"))
+    cfg = dict(SMALL, PERSISTENT=persistent, TMA=True, WARP_SPECIALIZE=ws)
+    scaled_mm_triton(a, b, a_scale, b_scale, bias, True, torch.float32, config=cfg, out=out)
+    assert_matches(out, scaled_mm_reference(a, b, a_scale, b_scale, bias, True, torch.float32), RTOL[torch.float32])
+
+
+def test_tma_checks(monkeypatch):
+    """TMA raises a ValueError for w8a16, for rows that are not 16-byte aligned and on GPUs before sm_90."""
+    tma = dict(SMALL, TMA=True)
+    a, b, a_scale, b_scale = operands("w8a16", (8,), 16, 32)
+    with pytest.raises(ValueError, match="w8a16"):
+        scaled_mm_triton(a, b, a_scale, b_scale, config=tma)
+    a, b, a_scale, b_scale = operands("int8", (8,), 16, 40)  # 40-byte rows
+    with pytest.raises(ValueError, match="16-byte"):
+        scaled_mm_triton(a, b, a_scale, b_scale, config=tma)
+    monkeypatch.setattr(scaled_gemm, "capability", lambda device: (8, 9))
+    a, b, a_scale, b_scale = operands("fp8", (8,), 16, 32)
+    with pytest.raises(ValueError, match="sm_90"):
+        scaled_mm_triton(a, b, a_scale, b_scale, config=tma)
