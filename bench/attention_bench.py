@@ -46,12 +46,7 @@ SWEEPS = {
               C(128, 128, 8, 3, tma=True), C(128, 64, 8, 4, tma=True)],
     "full": [C(bm, bn, w, s, tma) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
              for tma in (False, True) if not (bm == 64 and w == 8)],
-    # the next block's QK dot issued before this block's softmax, how P = 2^x is computed, int8 scores to float
-    # (magic configs run for int8 QK only)
-    "ahead": [C(128, bn, 8, st, lookahead=True, magic_i2f=m) for bn, st in ((128, 2), (128, 3), (128, 4), (64, 3), (64, 4))
-              for m in (False, True)]
-             + [C(128, 128, 8, 3, lookahead=True, magic_i2f=True, exp=e) for e in ("f16x2", "split")]
-             + [C(128, 128, 8, 3, tma=True, lookahead=True, magic_i2f=True), C(128, 128, 8, 3, magic_i2f=True)],
+    "ahead": [C(128, bn, 8, st, lookahead=la) for bn, st in ((128, 3), (128, 4), (64, 4)) for la in (False, True)],
 }
 KEY_BIAS = 5.0
 
@@ -144,7 +139,7 @@ def run_mode(mode, shape, sets, refs, sweep: list[A.AttnConfig]) -> dict:
     cap = torch.cuda.get_device_capability()
     A.check_mode(mode, cap)
     default = A.default_config(mode, shape[-1], cap)
-    configs = [default] + [c for c in sweep if c != default and not (c.magic_i2f and A.QK_DTYPE[mode] != torch.int8)]
+    configs = [default] + [c for c in sweep if c != default]
     qk, vv = quantize(q, k, v, mode)
     out = torch.empty(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], dtype=v.dtype, device=q.device)
     results, cos = {}, {}

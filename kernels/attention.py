@@ -18,6 +18,7 @@ Math, per batch b and head h (queries i, keys j, D = head_dim, c = log2(e) / sqr
       S = dot(q_hat, k_hat^T) * s_q * s_k;  m' = max(m, rowmax S);  P = 2^(S - m');  alpha = 2^(m - m')
       l = alpha l + rowsum P;  acc = alpha acc + P·V;  finally out = acc / l.
   Keys past Lk in the last block get S = -inf; query rows past Lq are computed on zero padding and not stored.
+  With `lookahead`, block j+1's QK dot is issued before block j's softmax (the scores are carried one iteration).
 - P·V, by mode:
       'fp8'         V in e4m3 with one scale per head and channel (s_v = amax over tokens |v| / 448). P is computed as
                     2^(S - m' + 8) <= 256, so it uses the e4m3 range, and cast to e4m3; the 2^8 cancels in acc / l and
@@ -68,13 +69,6 @@ FP8_MAX, INT8_MAX = 448.0, 127.0
 LOG2E = 1.4426950408889634
 P_LOG2_FP8 = 8.0  # 'fp8': P = 2^(S - m + 8) <= 256 < 448; exact powers of two keep the cast from overflowing
 SCALE_BLOCK = 128  # tokens per Q/K scale
-# How the kernel computes P = 2^x. Hopper's MUFU unit does 16 exp2 per clock per SM against ~1000 8-bit tensor-core
-# FLOP, so at D = 128 the exponentials take about as long as the two dots (FlashAttention-3, section 3).
-#   mufu   ex2.approx.f32 for every score
-#   f16x2  ex2.approx.f16x2: two scores per MUFU instruction, ~11-bit results (P is rounded to e4m3 or 16 bits anyway)
-#   split  half the scores on MUFU, the other half on the FMA pipe (_exp2_poly; FlashAttention-4's trick)
-#   poly   every score on the FMA pipe
-EXP_IMPLS = ("mufu", "f16x2", "split", "poly")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,33 +89,29 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 @dataclass(frozen=True)
 class AttnConfig:
     """Tile sizes and launch settings of the attention kernel. `tma` loads Q/K/V tiles through host-built tensor
-    descriptors (sm_90+) instead of pointer loads. `exp` picks how P = 2^x is computed (EXP_IMPLS); `ws` asks Triton
-    to warp-specialize the key loop; `magic_i2f` turns int8 scores into floats with integer arithmetic (int8 QK); `lookahead` issues the next
-    key block's QK dot before this block's softmax."""
+    descriptors (sm_90+) instead of pointer loads. `lookahead` issues the next key block's QK dot before this block's
+    softmax, so the tensor cores can work while the softmax runs (FlashAttention-3's intra-warpgroup overlap)."""
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = False
-    exp: str = "mufu"
-    ws: bool = False
-    magic_i2f: bool = False
     lookahead: bool = False
 
     def describe(self) -> str:
-        extra = [name for name, on in (("tma", self.tma), (f"exp_{self.exp}", self.exp != "mufu"), ("ws", self.ws),
-                                       ("magic", self.magic_i2f), ("ahead", self.lookahead)) if on]
+        extra = [name for name, on in (("tma", self.tma), ("ahead", self.lookahead)) if on]
         return "/".join([f"BM{self.block_m}/BN{self.block_n}/w{self.num_warps}/s{self.num_stages}", *extra])
 
 
-# Chosen ahead, no run-time autotuning. Hopper: 8 warps = two warpgroups of 64 query rows each; shared memory per stage
+# Chosen ahead, no run-time autotuning (H100 sweeps: bench/results/attention_h100*.md; lookahead gains nothing for fp8
+# QK). Hopper: 8 warps = two warpgroups of 64 query rows each; shared memory per stage
 # at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB at 3 stages. Ada (99 KiB per
 # block) and Ampere get narrower key blocks and fewer stages. Pass `config=` to override (bench sweeps).
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(128, 128, 8, 3),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
-    ("sm90", "int8"): AttnConfig(128, 128, 8, 3),
-    ("sm90", "int8_fp8pv"): AttnConfig(128, 128, 8, 3),
+    ("sm90", "int8"): AttnConfig(128, 128, 8, 4, lookahead=True),  # 11.47 ms against 12.34 without lookahead
+    ("sm90", "int8_fp8pv"): AttnConfig(128, 128, 8, 3, lookahead=True),  # 9.60 ms against 10.01
     ("sm89", "fp8"): AttnConfig(128, 64, 4, 2),
     ("sm89", "fp8_bf16pv"): AttnConfig(128, 64, 4, 2),
     ("sm89", "int8"): AttnConfig(128, 64, 4, 2),
@@ -277,33 +267,6 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
-    def _exp2_poly(x):
-        """2^x on the FMA/ALU pipes: 2^n by adding n to the exponent bits, 2^f for f = x - n in [-0.5, 0.5] by a
-        cubic (Taylor; relative error < 1e-3, well below e4m3's 2^-4 and bf16's 2^-8). x is clamped to >= -125 so 2^n stays
-        a normal float; smaller values round to 0 in P anyway."""
-        x = tl.maximum(x, -125.0)
-        j = x + 12582912.0  # 1.5 * 2^23: the float add rounds x to the integer n, held in j's low mantissa bits
-        f = x - (j - 12582912.0)
-        y = 1.0 + f * (0.69314718 + f * (0.24022650 + f * 0.05550411))
-        # j's bits are 0x4B400000 + n, and 0x4B400000 << 23 wraps to 0 in int32: the shift leaves exactly n << 23
-        return (y.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _exp2(x, EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-        """P = 2^x for a [BLOCK_M, BLOCK_N] fp32 tile, by EXP_IMPLS[EXP]; fp16 for 'f16x2', else fp32. The
-        interpreter has no inline PTX, so 'f16x2' runs as 'mufu' there."""
-        if EXP == 1 and not INTERPRET:
-            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                             dtype=tl.float16, is_pure=True, pack=2)
-        elif EXP == 2:  # adjacent columns share a thread in the dot's layout, so the split moves no data
-            a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-            return tl.reshape(tl.join(tl.math.exp2(a), _exp2_poly(b)), [BLOCK_M, BLOCK_N])
-        elif EXP == 3:
-            return _exp2_poly(x)
-        else:
-            return tl.math.exp2(x)
-
-    @triton.jit
     def _quantize_rows_kernel(X, Mean, Out, Scale, L, L_pad, H, stride_xb, stride_xl, stride_xh, MULT: tl.constexpr,
                               D: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr, QMAX: tl.constexpr,
                               INT8: tl.constexpr, INTERPRET: tl.constexpr):
@@ -360,23 +323,20 @@ if triton is not None:
     def _attn_update(acc, l_i, m_i, qk, qs, V, KS, start_n, Lk, Lk_pad, v_row, b, h, stride_vl,
                      offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                      P_SHIFT: tl.constexpr, PV_FP8: tl.constexpr, TMA: tl.constexpr, MASK: tl.constexpr,
-                     EXP: tl.constexpr, MAGIC_I2F: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+                     INTERPRET: tl.constexpr):
         """The online-softmax step of key block [start_n, start_n + BLOCK_N) given its raw scores `qk`; MASK: keys
         past Lk score -inf."""
         s = qs * tl.load(KS + start_n // SCALE_BLOCK)
-        if MAGIC_I2F:  # exact for |qk| < 2^22 (127 * 127 * 256 < 2^22): an integer add and a float sub, not I2F
-            qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-        else:
-            qk = qk.to(tl.float32)
+        qk = qk.to(tl.float32)
         if MASK:
             qk = tl.where((start_n + offs_n)[None, :] < Lk, qk * s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = _exp2(qk - (m_new - P_SHIFT)[:, None], EXP, BLOCK_M, BLOCK_N, INTERPRET)
+            p = tl.math.exp2(qk - (m_new - P_SHIFT)[:, None])
         else:  # s > 0, so max(qk * s) = max(qk) * s and the scale folds into one FMA per score
             m_new = tl.maximum(m_i, tl.max(qk, 1) * s)
-            p = _exp2(qk * s - (m_new - P_SHIFT)[:, None], EXP, BLOCK_M, BLOCK_N, INTERPRET)
+            p = tl.math.exp2(qk * s - (m_new - P_SHIFT)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
             if TMA:
                 vt = V.load([v_row, start_n])  # [D, BLOCK_N]
@@ -402,8 +362,7 @@ if triton is not None:
     def _attn_fwd_kernel(Q, K, V, QS, KS, VS, Out, Lq, Lk, Lq_pad, Lk_pad, H, stride_vb, stride_vl, stride_vh,
                          stride_ob, stride_ol, stride_oh, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, P_SHIFT: tl.constexpr,
-                         PV_FP8: tl.constexpr, TMA: tl.constexpr, HAS_TAIL: tl.constexpr, EXP: tl.constexpr,
-                         WS: tl.constexpr, MAGIC_I2F: tl.constexpr, LOOKAHEAD: tl.constexpr,
+                         PV_FP8: tl.constexpr, TMA: tl.constexpr, HAS_TAIL: tl.constexpr, LOOKAHEAD: tl.constexpr,
                          INTERPRET: tl.constexpr):
         """One program = BLOCK_M queries of one head. Q, K: quantized [B, H, L_pad, D] (or their 2-D TMA
         descriptors); V: e4m3 V^T [B, H, D, Lk_pad] (PV_FP8) or the caller's [B, Lk, H, D] (a 4-D descriptor under
@@ -437,29 +396,29 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         if LOOKAHEAD:  # the next block's QK dot is issued before this block's softmax, so the two can overlap
             qk = _qk_dot(q, K, 0, k_row, offs_n, offs_d, D, TMA)  # block 0 exists even when n_full = 0 (padding)
-            for start_n in tl.range(0, n_full - BLOCK_N, BLOCK_N, warp_specialize=WS):
+            for start_n in range(0, n_full - BLOCK_N, BLOCK_N):
                 start_n = tl.multiple_of(start_n, BLOCK_N)
                 qk_next = _qk_dot(q, K, start_n + BLOCK_N, k_row, offs_n, offs_d, D, TMA)
                 acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, qs, V, KS, start_n, Lk, Lk_pad, v_row, b32, h,
                                              stride_vl, offs_n, offs_d, D, BLOCK_N, SCALE_BLOCK, P_SHIFT, PV_FP8, TMA,
-                                             False, EXP, MAGIC_I2F, BLOCK_M, INTERPRET)
+                                             False, INTERPRET)
                 qk = qk_next
             if n_full > 0:
                 acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, qs, V, KS, n_full - BLOCK_N, Lk, Lk_pad, v_row, b32,
                                              h, stride_vl, offs_n, offs_d, D, BLOCK_N, SCALE_BLOCK, P_SHIFT, PV_FP8,
-                                             TMA, False, EXP, MAGIC_I2F, BLOCK_M, INTERPRET)
+                                             TMA, False, INTERPRET)
         else:
-            for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
+            for start_n in range(0, n_full, BLOCK_N):
                 start_n = tl.multiple_of(start_n, BLOCK_N)
                 qk = _qk_dot(q, K, start_n, k_row, offs_n, offs_d, D, TMA)
                 acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, qs, V, KS, start_n, Lk, Lk_pad, v_row, b32, h,
                                              stride_vl, offs_n, offs_d, D, BLOCK_N, SCALE_BLOCK, P_SHIFT, PV_FP8, TMA,
-                                             False, EXP, MAGIC_I2F, BLOCK_M, INTERPRET)
+                                             False, INTERPRET)
         if HAS_TAIL:
             qk = _qk_dot(q, K, n_full, k_row, offs_n, offs_d, D, TMA)
             acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, qs, V, KS, n_full, Lk, Lk_pad, v_row, b32, h, stride_vl,
-                                         offs_n, offs_d, D, BLOCK_N, SCALE_BLOCK, P_SHIFT, PV_FP8, TMA, True, EXP,
-                                         MAGIC_I2F, BLOCK_M, INTERPRET)
+                                         offs_n, offs_d, D, BLOCK_N, SCALE_BLOCK, P_SHIFT, PV_FP8, TMA, True,
+                                         INTERPRET)
         acc = acc * (1.0 / l_i)[:, None]
         if PV_FP8:
             acc = acc * tl.load(VS + bh * D + offs_d)[None, :]
@@ -526,8 +485,6 @@ def _check_config(cfg: AttnConfig, block: int, D: int) -> None:
             raise ValueError(f"{name} must be a power of two >= {lo} dividing the scale block {block}, got {n}")
     if D not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {D}")
-    if cfg.exp not in EXP_IMPLS:
-        raise ValueError(f"exp must be one of {EXP_IMPLS}, got {cfg.exp!r}")
 
 
 def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: AttnConfig,
@@ -573,8 +530,7 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
         q_arg, k_arg, v_arg, qk.q_scale, qk.k_scale, vs, out, qk.lq, qk.lk, Lq_pad, Lk_pad, H, *strides,
         out.stride(0), out.stride(1), D, D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SCALE_BLOCK=qk.block, P_SHIFT=P_LOG2_FP8 if pv_fp8 else 0.0, PV_FP8=pv_fp8, TMA=config.tma,
-        HAS_TAIL=qk.lk % config.block_n != 0, EXP=EXP_IMPLS.index(config.exp), WS=config.ws,
-        MAGIC_I2F=config.magic_i2f and qk.q.dtype == torch.int8, LOOKAHEAD=config.lookahead, INTERPRET=_interpreting(), num_warps=config.num_warps,
+        HAS_TAIL=qk.lk % config.block_n != 0, LOOKAHEAD=config.lookahead, INTERPRET=_interpreting(), num_warps=config.num_warps,
         num_stages=config.num_stages)
     return out
 
@@ -609,16 +565,15 @@ def attention_quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode:
 
 @torch.library.custom_op("wanrt::quantized_attention", mutates_args=())
 def quantized_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, block_m: int, block_n: int,
-                           num_warps: int, num_stages: int, tma: bool, exp: str, ws: bool, magic_i2f: bool,
-                           lookahead: bool) -> torch.Tensor:
+                           num_warps: int, num_stages: int, tma: bool, lookahead: bool) -> torch.Tensor:
     """`attention_quantized` (128-token scale blocks) as one opaque op: torch.compile(fullgraph=True) keeps it whole
     in a compiled DiT block instead of tracing the launcher."""
     return attention_quantized(q, k, v, mode,
-                               AttnConfig(block_m, block_n, num_warps, num_stages, tma, exp, ws, magic_i2f, lookahead))
+                               AttnConfig(block_m, block_n, num_warps, num_stages, tma, lookahead))
 
 
 @quantized_attention_op.register_fake
-def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, exp, ws, magic_i2f, lookahead):
+def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]), dtype=v.dtype)
 
 
@@ -642,5 +597,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
     if not has_triton():
         raise ValueError(f"attention mode {mode!r} needs Triton, which is not installed")
     c = config or default_config(mode, q.shape[-1], capability(q.device))
-    return quantized_attention_op(q, k, v, mode, c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.exp, c.ws,
-                                  c.magic_i2f, c.lookahead)
+    return quantized_attention_op(q, k, v, mode, c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.lookahead)
