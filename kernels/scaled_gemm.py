@@ -60,29 +60,29 @@ def block_config(bm: int, bn: int, bk: int, warps: int, stages: int, group: int 
 
 
 # Hopper (sm_90) configs for the Wan2.1 linears above SMALL_M tokens, keyed (mode, N, K) = (mode, out, in features).
-# 1.3B: dim 1536, ffn 8960; 14B: dim 5120, ffn 13824. 8-bit operands: 128x256x128 tiles, 8 warps (two consumer
-# warpgroups of 64x256 wgmma), 3-4 stages of 48 KiB. w8a16 reads bf16 A, so BLOCK_K halves for the same bytes.
-# Entries marked "measured" are sweep winners of `python -m wanrt.bench.gemm_bench` (bench/results/gemm_h100_ffn_up.md); the
-# others are starting points from the Triton fp8 tutorials' Hopper configs, not yet swept.
+# 1.3B: dim 1536, ffn 8960; 14B: dim 5120, ffn 13824. 8-bit operands: 128x256 or 256x128 tiles, 8 warps (two consumer
+# warpgroups), K steps of 128, 3-4 stages of 48 KiB. w8a16 reads bf16 A, so BLOCK_K halves for the same bytes.
+# All are sweep winners of `python -m wanrt.bench.gemm_bench` on an H100 (bench/results/gemm_h100_shapes.md): persistent
+# kernels with TMA loads won every 8-bit shape.
 CONFIGS: dict[tuple[str, int, int], dict] = {
-    ("fp8", 8960, 1536): block_config(256, 128, 128, 8, 3),  # measured: 0.881 ms at M=32760 on an H100
-    ("fp8", 1536, 8960): block_config(128, 256, 128, 8, 4),
-    ("fp8", 1536, 1536): block_config(128, 256, 128, 8, 3),
-    ("fp8", 13824, 5120): block_config(128, 256, 128, 8, 4),
-    ("fp8", 5120, 13824): block_config(128, 256, 128, 8, 4),
-    ("fp8", 5120, 5120): block_config(128, 256, 128, 8, 4),
-    ("int8", 8960, 1536): block_config(128, 256, 128, 8, 4),  # measured: 0.962 ms
-    ("int8", 1536, 8960): block_config(128, 256, 128, 8, 4),
-    ("int8", 1536, 1536): block_config(128, 256, 128, 8, 3),
-    ("int8", 13824, 5120): block_config(128, 256, 128, 8, 4),
-    ("int8", 5120, 13824): block_config(128, 256, 128, 8, 4),
-    ("int8", 5120, 5120): block_config(128, 256, 128, 8, 4),
-    ("w8a16", 8960, 1536): block_config(128, 128, 64, 4, 4),  # measured: 1.835 ms
-    ("w8a16", 1536, 8960): block_config(128, 256, 64, 8, 3),
-    ("w8a16", 1536, 1536): block_config(128, 256, 64, 8, 3),
-    ("w8a16", 13824, 5120): block_config(128, 256, 64, 8, 3),
-    ("w8a16", 5120, 13824): block_config(128, 256, 64, 8, 3),
-    ("w8a16", 5120, 5120): block_config(128, 256, 64, 8, 3),
+    ("fp8", 8960, 1536): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 0.7909 ms, 1140 TFLOP/s
+    ("fp8", 1536, 8960): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.6808 ms, 1324 TFLOP/s
+    ("fp8", 1536, 1536): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.1362 ms, 1135 TFLOP/s
+    ("fp8", 13824, 5120): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 3.6034 ms, 1287 TFLOP/s
+    ("fp8", 5120, 13824): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 3.4226 ms, 1355 TFLOP/s
+    ("fp8", 5120, 5120): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 1.1646 ms, 1475 TFLOP/s
+    ("int8", 8960, 1536): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 0.8547 ms, 1055 TFLOP/s
+    ("int8", 1536, 8960): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.7138 ms, 1263 TFLOP/s
+    ("int8", 1536, 1536): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 0.1567 ms, 986 TFLOP/s
+    ("int8", 13824, 5120): block_config(256, 128, 128, 8, 3, persistent=True, tma=True),  # 3.7782 ms, 1227 TFLOP/s
+    ("int8", 5120, 13824): block_config(256, 128, 128, 8, 3, persistent=True, tma=True),  # 3.6241 ms, 1280 TFLOP/s
+    ("int8", 5120, 5120): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 1.3952 ms, 1231 TFLOP/s
+    ("w8a16", 8960, 1536): block_config(128, 128, 64, 4, 4),  # 1.9440 ms, 464 TFLOP/s
+    ("w8a16", 1536, 8960): block_config(128, 128, 64, 4, 4),  # 1.7602 ms, 512 TFLOP/s
+    ("w8a16", 1536, 1536): block_config(128, 128, 64, 4, 4),  # 0.3341 ms, 463 TFLOP/s
+    ("w8a16", 13824, 5120): block_config(128, 128, 64, 4, 4),  # 9.7513 ms, 476 TFLOP/s
+    ("w8a16", 5120, 13824): block_config(128, 128, 64, 4, 4),  # 9.9705 ms, 465 TFLOP/s
+    ("w8a16", 5120, 5120): block_config(128, 128, 64, 4, 4),  # 3.6643 ms, 469 TFLOP/s
 }
 
 
@@ -330,6 +330,10 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _tma_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
 def _tma_descriptors(mode: str, a2: torch.Tensor, b: torch.Tensor, cfg: dict):
     """Host-built TMA descriptors of A [M, K] and B [N, K] for a TMA config (as kernels/attention.py builds its own:
     no device-side allocator needed), after checking what TMA needs."""
@@ -338,7 +342,7 @@ def _tma_descriptors(mode: str, a2: torch.Tensor, b: torch.Tensor, cfg: dict):
     if mode == "w8a16":
         raise ValueError("TMA is implemented for the 8-bit modes (fp8, int8), not w8a16; use TMA=False")
     for name, t in (("a", a2), ("b", b)):
-        if t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
+        if not _tma_aligned(t):
             raise ValueError(f"TMA needs {name} with a 16-byte aligned base and row stride (K a multiple of 16 for "
                              f"8-bit operands), got row stride {t.stride(0)}; use TMA=False")
     return (TensorDescriptor.from_tensor(a2, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
@@ -375,6 +379,8 @@ def scaled_mm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | N
 
     cap = capability(a.device)
     cfg = dict(config) if config is not None else pick_config(mode, M, N, K, cap)
+    if config is None and cfg.get("TMA") and not (_tma_aligned(a2) and _tma_aligned(b)):
+        cfg["TMA"] = False  # a table config on an odd view: pointer loads (an explicit config raises instead)
     if (cfg.get("TMA") or cfg.get("WARP_SPECIALIZE")) and cap is not None and cap < HOPPER:
         raise ValueError(f"TMA and WARP_SPECIALIZE need sm_90+; this GPU is sm_{cap[0]}{cap[1]}")
     persistent = cfg.pop("PERSISTENT", False)

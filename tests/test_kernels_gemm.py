@@ -170,3 +170,12 @@ def test_tma_checks(monkeypatch):
     a, b, a_scale, b_scale = operands("fp8", (8,), 16, 32)
     with pytest.raises(ValueError, match="sm_90"):
         scaled_mm_triton(a, b, a_scale, b_scale, config=tma)
+
+
+def test_table_tma_config_falls_back_on_unaligned_rows(monkeypatch):
+    """A TMA table config (what pick_config gives on Hopper) on rows TMA cannot read runs with pointer loads; only an
+    explicit config raises."""
+    monkeypatch.setattr(scaled_gemm, "pick_config", lambda *args: dict(SMALL, TMA=True))
+    a, b, a_scale, b_scale = operands("int8", (8,), 16, 40)  # 40-byte rows
+    got = scaled_mm_triton(a, b, a_scale, b_scale)
+    assert_matches(got, scaled_mm_reference(a, b, a_scale, b_scale), RTOL[torch.bfloat16])
