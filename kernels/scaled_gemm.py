@@ -63,26 +63,26 @@ def block_config(bm: int, bn: int, bk: int, warps: int, stages: int, group: int 
 # 1.3B: dim 1536, ffn 8960; 14B: dim 5120, ffn 13824. 8-bit operands: 128x256 or 256x128 tiles, 8 warps (two consumer
 # warpgroups), K steps of 128, 3-4 stages of 48 KiB. w8a16 reads bf16 A, so BLOCK_K halves for the same bytes.
 # All are sweep winners of `python -m wanrt.bench.gemm_bench` on an H100 (bench/results/gemm_h100_shapes.md): persistent
-# kernels with TMA loads won every 8-bit shape.
+# TMA loads won every 8-bit shape, mostly as persistent kernels.
 CONFIGS: dict[tuple[str, int, int], dict] = {
-    ("fp8", 8960, 1536): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 0.7909 ms, 1140 TFLOP/s
-    ("fp8", 1536, 8960): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.6808 ms, 1324 TFLOP/s
-    ("fp8", 1536, 1536): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.1362 ms, 1135 TFLOP/s
-    ("fp8", 13824, 5120): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 3.6034 ms, 1287 TFLOP/s
-    ("fp8", 5120, 13824): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 3.4226 ms, 1355 TFLOP/s
-    ("fp8", 5120, 5120): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 1.1646 ms, 1475 TFLOP/s
-    ("int8", 8960, 1536): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 0.8547 ms, 1055 TFLOP/s
-    ("int8", 1536, 8960): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.7138 ms, 1263 TFLOP/s
-    ("int8", 1536, 1536): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 0.1567 ms, 986 TFLOP/s
-    ("int8", 13824, 5120): block_config(256, 128, 128, 8, 3, persistent=True, tma=True),  # 3.7782 ms, 1227 TFLOP/s
-    ("int8", 5120, 13824): block_config(256, 128, 128, 8, 3, persistent=True, tma=True),  # 3.6241 ms, 1280 TFLOP/s
-    ("int8", 5120, 5120): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 1.3952 ms, 1231 TFLOP/s
-    ("w8a16", 8960, 1536): block_config(128, 128, 64, 4, 4),  # 1.9440 ms, 464 TFLOP/s
-    ("w8a16", 1536, 8960): block_config(128, 128, 64, 4, 4),  # 1.7602 ms, 512 TFLOP/s
-    ("w8a16", 1536, 1536): block_config(128, 128, 64, 4, 4),  # 0.3341 ms, 463 TFLOP/s
-    ("w8a16", 13824, 5120): block_config(128, 128, 64, 4, 4),  # 9.7513 ms, 476 TFLOP/s
-    ("w8a16", 5120, 13824): block_config(128, 128, 64, 4, 4),  # 9.9705 ms, 465 TFLOP/s
-    ("w8a16", 5120, 5120): block_config(128, 128, 64, 4, 4),  # 3.6643 ms, 469 TFLOP/s
+    ("fp8", 8960, 1536): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.7977 ms, 1130 TFLOP/s
+    ("fp8", 1536, 8960): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.6591 ms, 1368 TFLOP/s
+    ("fp8", 1536, 1536): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 0.1360 ms, 1137 TFLOP/s
+    ("fp8", 13824, 5120): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 3.5222 ms, 1317 TFLOP/s
+    ("fp8", 5120, 13824): block_config(128, 256, 128, 8, 4, tma=True),  # 3.4350 ms, 1350 TFLOP/s
+    ("fp8", 5120, 5120): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 1.2290 ms, 1398 TFLOP/s
+    ("int8", 8960, 1536): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 0.8474 ms, 1064 TFLOP/s
+    ("int8", 1536, 8960): block_config(128, 256, 128, 8, 4, persistent=True, tma=True),  # 0.6875 ms, 1312 TFLOP/s
+    ("int8", 1536, 1536): block_config(256, 128, 128, 8, 4, persistent=True, tma=True),  # 0.1546 ms, 1000 TFLOP/s
+    ("int8", 13824, 5120): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 3.8264 ms, 1212 TFLOP/s
+    ("int8", 5120, 13824): block_config(128, 256, 128, 8, 4, tma=True),  # 3.6753 ms, 1262 TFLOP/s
+    ("int8", 5120, 5120): block_config(128, 256, 128, 8, 4, tma=True),  # 1.4082 ms, 1220 TFLOP/s
+    ("w8a16", 8960, 1536): block_config(128, 128, 64, 4, 4),  # 2.0270 ms, 445 TFLOP/s
+    ("w8a16", 1536, 8960): block_config(128, 128, 64, 4, 4),  # 1.9207 ms, 470 TFLOP/s
+    ("w8a16", 1536, 1536): block_config(128, 128, 64, 4, 4),  # 0.3367 ms, 459 TFLOP/s
+    ("w8a16", 13824, 5120): block_config(128, 128, 64, 4, 4),  # 9.8205 ms, 472 TFLOP/s
+    ("w8a16", 5120, 13824): block_config(128, 128, 64, 4, 4),  # 9.8291 ms, 472 TFLOP/s
+    ("w8a16", 5120, 5120): block_config(128, 128, 64, 4, 4),  # 3.6704 ms, 468 TFLOP/s
 }
 
 
