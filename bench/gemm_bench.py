@@ -40,8 +40,7 @@ PEERS = ("bf16", "producer", "scaled_mm", "fp8", "int8", "w8a16", "bnb", "quanto
 # Hopper candidates: 8-bit operands (fp8, int8) and w8a16 (bf16 A: half the K per byte of shared memory).
 C = block_config
 SWEEP_8BIT = [C(128, 256, 128, 8, 3), C(128, 256, 128, 8, 4), C(256, 128, 128, 8, 3),
-              # TMA descriptor loads (sm_90+); persistent TMA won every 8-bit shape swept so far. Warp specialization
-              # (ws=True) compiled but gained nothing at the FFN shape (bench/results/gemm_h100_tma_sweep.md).
+              # TMA descriptor loads (sm_90+): TMA won every 8-bit shape on the H100, 9 of 12 as persistent kernels
               C(128, 256, 128, 8, 4, tma=True), C(256, 128, 128, 8, 4, tma=True),
               C(128, 256, 128, 8, 3, persistent=True, tma=True), C(256, 128, 128, 8, 3, persistent=True, tma=True),
               C(128, 256, 128, 8, 4, persistent=True, tma=True), C(256, 128, 128, 8, 4, persistent=True, tma=True)]
@@ -63,7 +62,7 @@ def sync() -> None:
 def cfg_name(cfg: dict) -> str:
     return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']} "
             f"g{cfg['GROUP_M']}{' persistent' if cfg.get('PERSISTENT') else ''}"
-            f"{' tma' if cfg.get('TMA') else ''}{' ws' if cfg.get('WARP_SPECIALIZE') else ''}"
+            f"{' tma' if cfg.get('TMA') else ''}"
             f"{' imprecise<=' + str(cfg['MAX_IMPRECISE_ACC']) if cfg.get('MAX_IMPRECISE_ACC') else ''}")
 
 
@@ -71,7 +70,7 @@ def cfg_code(cfg: dict) -> str:
     """The config as it reads in kernels/scaled_gemm.py CONFIGS."""
     code = (f"block_config({cfg['BLOCK_M']}, {cfg['BLOCK_N']}, {cfg['BLOCK_K']}, {cfg['num_warps']}, "
             f"{cfg['num_stages']}, group={cfg['GROUP_M']}, persistent={bool(cfg.get('PERSISTENT'))}"
-            f"{', tma=True' if cfg.get('TMA') else ''}{', ws=True' if cfg.get('WARP_SPECIALIZE') else ''})")
+            f"{', tma=True' if cfg.get('TMA') else ''})")
     if cfg.get("MAX_IMPRECISE_ACC"):
         code = f"dict({code}, MAX_IMPRECISE_ACC={cfg['MAX_IMPRECISE_ACC']})"
     return code

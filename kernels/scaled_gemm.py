@@ -26,8 +26,8 @@ bounds, no load masks) and masked at the store; the K loop is masked only when K
 
 TMA (fp8 and int8, sm_90+) loads the A and B tiles through host-built tensor descriptors instead of pointer loads:
 the TMA unit zero-fills rows, columns and K past the end, so nothing is clamped or masked but the store.
-WARP_SPECIALIZE (sm_90+; Triton documents it for Blackwell first) asks Triton to split the K loop, or the persistent
-tile loop, into producer and consumer warps. Both are sweep candidates, off in the table until measured.
+On an H100 TMA won every 8-bit shape of the table (CONFIGS). Triton's automatic warp specialization of these loops
+(`tl.range(..., warp_specialize=True)`) compiled on sm_90 but gained nothing (bench/results/gemm_h100_tma_sweep.md).
 """
 from __future__ import annotations
 
@@ -52,18 +52,18 @@ class UnsupportedGemmError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------------- configs
 def block_config(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8,
-                 persistent: bool = False, tma: bool = False, ws: bool = False) -> dict:
+                 persistent: bool = False, tma: bool = False) -> dict:
     """A launch config: BLOCK_M x BLOCK_N tiles, BLOCK_K steps, GROUP_M, num_warps, num_stages, PERSISTENT, TMA
-    (descriptor loads) and WARP_SPECIALIZE."""
+    (descriptor loads)."""
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages,
-                PERSISTENT=persistent, TMA=tma, WARP_SPECIALIZE=ws)
+                PERSISTENT=persistent, TMA=tma)
 
 
 # Hopper (sm_90) configs for the Wan2.1 linears above SMALL_M tokens, keyed (mode, N, K) = (mode, out, in features).
 # 1.3B: dim 1536, ffn 8960; 14B: dim 5120, ffn 13824. 8-bit operands: 128x256 or 256x128 tiles, 8 warps (two consumer
 # warpgroups), K steps of 128, 3-4 stages of 48 KiB. w8a16 reads bf16 A, so BLOCK_K halves for the same bytes.
-# All are sweep winners of `python -m wanrt.bench.gemm_bench` on an H100 (bench/results/gemm_h100_shapes.md): persistent
-# TMA loads won every 8-bit shape, mostly as persistent kernels.
+# All are sweep winners of `python -m wanrt.bench.gemm_bench` on an H100 (bench/results/gemm_h100_shapes.md): TMA loads
+# won every 8-bit shape, 9 of 12 as persistent kernels.
 CONFIGS: dict[tuple[str, int, int], dict] = {
     ("fp8", 8960, 1536): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.7977 ms, 1130 TFLOP/s
     ("fp8", 1536, 8960): block_config(128, 256, 128, 8, 3, persistent=True, tma=True),  # 0.6591 ms, 1368 TFLOP/s
@@ -200,7 +200,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
                       HAS_A_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                       UPCAST_B: tl.constexpr, INT_ACC: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+                      TMA: tl.constexpr = False,
                       MAX_IMPRECISE_ACC: tl.constexpr = None):
     """One output tile per program (see the module docstring for the math and the flags). Under TMA, a_ptr and
     b_ptr are tensor descriptors of A [M, K] and B [N, K]."""
@@ -212,7 +212,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TMA:
-        for ki in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+        for ki in range(0, tl.cdiv(K, BLOCK_K)):
             acc = _tma_step(acc, a_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, ki * BLOCK_K, INT_ACC,
                             MAX_IMPRECISE_ACC)
     else:
@@ -220,7 +220,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None] + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         b_ptrs = b_ptr + b_rows[None, :] + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
-        for ki in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+        for ki in range(0, tl.cdiv(K, BLOCK_K)):
             acc = _mma_step(acc, a_ptrs, b_ptrs, K - ki * BLOCK_K, EVEN_K, UPCAST_B, INT_ACC, DOT_FP32, BLOCK_K,
                             MAX_IMPRECISE_ACC)
             a_ptrs += BLOCK_K
@@ -236,13 +236,12 @@ def _scaled_mm_persistent_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr
                                  UPCAST_B: tl.constexpr, INT_ACC: tl.constexpr, DOT_FP32: tl.constexpr,
                                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                                 TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+                                 TMA: tl.constexpr = False,
                                  MAX_IMPRECISE_ACC: tl.constexpr = None):
     """NUM_SMS programs, each taking every NUM_SMS-th tile in grouped order. The tile and K loops are flattened
     into one pipelined loop (Triton's persistent-matmul tutorial), so loads for the next tile overlap the epilogue.
     The epilogue recomputes its tile from a second counter, as the tutorial does to keep the pipeliner happy.
-    WARP_SPECIALIZE specializes the tile loop instead of flattening it (the tutorial: Hopper's warp specialization
-    does not work on a flattened loop). Under TMA, a_ptr and b_ptr are tensor descriptors."""
+    Under TMA, a_ptr and b_ptr are tensor descriptors."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -250,8 +249,7 @@ def _scaled_mm_persistent_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr
     start_pid = tl.program_id(0)
     tile_id_c = start_pid - NUM_SMS
     offs_k = tl.arange(0, BLOCK_K)
-    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=not WARP_SPECIALIZE,
-                            warp_specialize=WARP_SPECIALIZE):
+    for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         if INT_ACC:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -354,7 +352,7 @@ def scaled_mm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | N
                      config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the kernel: a [..., K], b [N, K], a_scale [...] fp32 (None for w8a16), b_scale [N] fp32, bias [N]
     -> [..., N] in out_dtype (or into `out`, a contiguous [..., N] tensor). `config` overrides `pick_config`
-    (keys BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; optional PERSISTENT, TMA, WARP_SPECIALIZE
+    (keys BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; optional PERSISTENT, TMA
     and, for fp8, MAX_IMPRECISE_ACC)."""
     mode = gemm_mode(a, b, a_scale)
     M, N, K = _check_shapes(a, b, a_scale, b_scale, bias)
@@ -381,8 +379,8 @@ def scaled_mm_triton(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | N
     cfg = dict(config) if config is not None else pick_config(mode, M, N, K, cap)
     if config is None and cfg.get("TMA") and not (_tma_aligned(a2) and _tma_aligned(b)):
         cfg["TMA"] = False  # a table config on an odd view: pointer loads (an explicit config raises instead)
-    if (cfg.get("TMA") or cfg.get("WARP_SPECIALIZE")) and cap is not None and cap < HOPPER:
-        raise ValueError(f"TMA and WARP_SPECIALIZE need sm_90+; this GPU is sm_{cap[0]}{cap[1]}")
+    if cfg.get("TMA") and cap is not None and cap < HOPPER:
+        raise ValueError(f"TMA needs sm_90+; this GPU is sm_{cap[0]}{cap[1]}")
     persistent = cfg.pop("PERSISTENT", False)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     flags = dict(HAS_A_SCALE=a_scale is not None, HAS_BIAS=bias is not None, GELU=bool(gelu),
