@@ -54,21 +54,30 @@ def sha256_all(paths: list[Path]) -> list[str]:
         return list(pool.map(sha256, paths))
 
 
+SAMPLING = ("sample_steps", "sample_shift", "sample_guide_scale", "frame_num")
+
+
 def variant_to_json(v: Variant) -> dict:
     return {"name": v.name, "dit": dataclasses.asdict(v.dit), "vae": dataclasses.asdict(v.vae),
-            "text": dataclasses.asdict(v.text), "clip": None if v.clip is None else dataclasses.asdict(v.clip)}
+            "text": dataclasses.asdict(v.text), "clip": None if v.clip is None else dataclasses.asdict(v.clip),
+            "sizes": list(v.sizes), **{k: getattr(v, k) for k in SAMPLING}}
 
 
 def variant_from_json(d: dict) -> Variant:
-    """The variant the engine was exported from: its named variant (sizes, defaults) with the engine's quant scheme
-    and attention mode, or a custom one."""
+    """The variant the engine was exported from, with the engine's quant scheme and attention mode. Its name, sizes
+    and sampling defaults come from the manifest (a model of our own, such as the demo model, carries its own); older
+    manifests without them get the named variant's, or a custom one's."""
     dit, vae, text = DiTConfig(**_tuples(d["dit"])), VAEConfig(**_tuples(d["vae"])), TextConfig(**_tuples(d["text"]))
     clip = CLIPConfig(**_tuples(d["clip"])) if d.get("clip") else None
     base = VARIANTS.get(d.get("name"))
     if base and (dataclasses.replace(base.dit, quant=dit.quant, attention=dit.attention), base.vae, base.text,
                  base.clip) == (dit, vae, text, clip):
-        return dataclasses.replace(base, dit=dit)
-    return _named_variant(dit, vae, text, clip)
+        v = dataclasses.replace(base, dit=dit)
+    else:
+        v = _named_variant(dit, vae, text, clip)
+    if "sizes" in d:
+        v = dataclasses.replace(v, name=d["name"], sizes=tuple(d["sizes"]), **{k: d[k] for k in SAMPLING})
+    return v
 
 
 def is_engine(path: str | Path) -> bool:

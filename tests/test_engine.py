@@ -12,6 +12,7 @@ import pytest
 import wanrt
 from wanrt.export.engine import export_engine
 from wanrt.quant.formats import SCHEMES
+from wanrt.runtime import DEMO_MODEL
 from wanrt.runtime.cli import main
 from wanrt.runtime.engine import EngineError, open_engine
 from wanrt.runtime.pipeline import WanPipeline
@@ -50,6 +51,16 @@ def test_quantized_engines_record_their_error_and_generate_close_to_bf16(engines
     err = np.abs(video.astype(float) - reference).mean() / 255
     print(f"{scheme}: per-linear error up to {report['max']:.4f}, mean frame error {err:.4f} of full scale")
     assert video.shape == reference.shape and err < 0.05
+
+
+def test_engine_keeps_the_models_sizes_and_sampling_defaults(tmp_path):
+    """The demo model names its sizes, steps, shift, guidance and frame count in its config.json (no named variant
+    has its configs); its engines must generate with the same defaults (they once fell back to Wan's 50 steps,
+    shift 5, guidance 5 and 81 frames)."""
+    want = wanrt.load(DEMO_MODEL, device="cpu").ckpt.variant
+    assert (want.sample_steps, want.sample_guide_scale, want.frame_num) != (50, 5.0, 81)
+    got = open_engine(export_engine(DEMO_MODEL, tmp_path / "engine", "fp8", progress=False)).variant
+    assert got == dataclasses.replace(want, dit=dataclasses.replace(want.dit, quant="fp8"))
 
 
 def test_quantized_shards_are_smaller(engines):
