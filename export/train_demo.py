@@ -351,8 +351,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--decoder-steps", type=int, default=800)
-    p.add_argument("--dit-shape-weight", type=float, default=1.0,
-                   help="weight of the shape's latent positions in the DiT's loss (1: plain flow matching, as shipped)")
+    p.add_argument("--dit-shape-weight", type=float, default=4.0,
+                   help="weight of the shape's latent positions in the DiT's loss (1: plain flow matching)")
     p.add_argument("--vae-from", help="a checkpoint of this script whose VAE to keep (stage 1 is skipped)")
     p.add_argument("--dit-from", help="a checkpoint of this script whose VAE, text encoder and DiT to start from "
                                       "(stage 1 skipped; stage 2 continues for --dit-steps, 0 keeps them)")

@@ -1,12 +1,13 @@
 """The embedded demo model (runtime/demo_model): shipped whole and small, the default of `wanrt generate`, and its
-generations pass the semantic check on the CPU for the 20 fixed seeds at the rate measured when it shipped."""
+generations pass the semantic check on the CPU for the 20 fixed seeds (issue 8: at least 90%)."""
 import wanrt
 from wanrt.export.synthetic import evaluate
 from wanrt.runtime import DEMO_MODEL
 from wanrt.runtime.cli import main
 
-# Issue 8's target is 0.90; the shipped model measures 0.75 here (0.80 on an H100), so this guards that level only.
-SHIPPED_PASS_RATE = 0.75
+# Issue 8's target. The shipped model measures 0.95 here: 19 of 20, and the 20th (seed 11, an orange circle on a
+# red-to-yellow gradient) fails even on its exact render, where the shape crosses a background of its own colour.
+PASS_RATE = 0.90
 
 
 def test_the_demo_model_is_shipped_small_and_safetensors_only():
@@ -27,4 +28,4 @@ def test_generate_without_a_model_uses_the_demo_model(tmp_path, capsys):
 def test_the_demo_model_draws_what_the_prompt_asks():
     result = evaluate(wanrt.load(device="cpu"))
     failures = [(r["seed"], r["prompt"], r["why"]) for r in result["results"] if not r["ok"]]
-    assert result["pass_rate"] >= SHIPPED_PASS_RATE, failures
+    assert result["pass_rate"] >= PASS_RATE, failures
