@@ -1,7 +1,7 @@
 """Attention on the GPU: SDPA (bf16) vs wanrt's quantized Triton attention vs SageAttention's Triton version.
 
     python -m wanrt.bench.attention_bench --out bench/results/attention_h100 [--shapes 0,3] [--modes fp8,int8]
-                                          [--sweep small|full|none]
+                                          [--sweep small|full|ahead|wg1|none]
 
 Shapes (B, H, Lq, Lk, D): Wan2.1 self-attention at 480p x 81 frames (32,760 tokens) for 1.3B (12 heads) and 14B (40
 heads), 1.3B at 720p x 81 frames (75,600 tokens), and 1.3B cross-attention of 32,760 queries to 512 text keys.
@@ -47,6 +47,9 @@ SWEEPS = {
     "full": [C(bm, bn, w, s, tma) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
              for tma in (False, True) if not (bm == 64 and w == 8)],
     "ahead": [C(128, bn, 8, st, lookahead=la) for bn, st in ((128, 3), (128, 4), (64, 4)) for la in (False, True)],
+    # one warpgroup per program, so that two programs share an SM and one's softmax can hide under the other's dots
+    "wg1": [C(64, bn, 4, st, lookahead=la) for bn, st in ((128, 2), (128, 3), (128, 4), (64, 4)) for la in (False, True)]
+           + [C(64, 128, 4, 3, tma=True), C(64, 128, 4, 2, tma=True), C(64, 64, 4, 3), C(64, 64, 4, 3, tma=True)],
 }
 KEY_BIAS = 5.0
 
