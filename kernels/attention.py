@@ -103,15 +103,18 @@ class AttnConfig:
         return "/".join([f"BM{self.block_m}/BN{self.block_n}/w{self.num_warps}/s{self.num_stages}", *extra])
 
 
-# Chosen ahead, no run-time autotuning (H100 sweeps: bench/results/attention_h100*.md; lookahead gains nothing for fp8
-# QK). Hopper: 8 warps = two warpgroups of 64 query rows each; shared memory per stage
-# at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB at 3 stages. Ada (99 KiB per
-# block) and Ampere get narrower key blocks and fewer stages. Pass `config=` to override (bench sweeps).
+# Chosen ahead, no run-time autotuning (H100 sweeps: bench/results/attention_h100_sweep_*.md, kernel alone at 1.3B
+# 480p). With fp8 P·V the best Hopper tiles are 64 query rows per program in one warpgroup (4 warps) with TMA loads:
+# two programs share an SM, so one's softmax runs while the other's dots do (8.13 ms int8_fp8pv, 8.54 ms fp8, against
+# 9.86 and 9.27 ms for 128 rows in two warpgroups). With 16-bit P·V the larger P tile favours 128 rows; int8 QK there
+# gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per stage at
+# D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and Ampere
+# get narrower key blocks and fewer stages. Pass `config=` to override (bench sweeps).
 CONFIGS = {
-    ("sm90", "fp8"): AttnConfig(128, 128, 8, 3),
+    ("sm90", "fp8"): AttnConfig(64, 128, 4, 2, tma=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
-    ("sm90", "int8"): AttnConfig(128, 128, 8, 4, lookahead=True),  # 11.47 ms against 12.34 without lookahead
-    ("sm90", "int8_fp8pv"): AttnConfig(128, 128, 8, 3, lookahead=True),  # 9.60 ms against 10.01
+    ("sm90", "int8"): AttnConfig(128, 128, 8, 4, lookahead=True),
+    ("sm90", "int8_fp8pv"): AttnConfig(64, 128, 4, 2, tma=True),
     ("sm89", "fp8"): AttnConfig(128, 64, 4, 2),
     ("sm89", "fp8_bf16pv"): AttnConfig(128, 64, 4, 2),
     ("sm89", "int8"): AttnConfig(128, 64, 4, 2),
