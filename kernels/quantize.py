@@ -38,7 +38,8 @@ def _quantize_reference(x: torch.Tensor, dtype: torch.dtype, dim: int) -> tuple[
     """Symmetric quantization of x over `dim`, one fp32 scale per slice (the definition above)."""
     qmax = QMAX[dtype]
     x = x.float()
-    scale = x.abs().amax(dim=dim, keepdim=True) / qmax
+    amax = x.abs().amax(dim=dim, keepdim=True)
+    scale = amax / torch.full_like(amax, qmax)  # a tensor divisor: CUDA divides by a Python scalar as * (1 / qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     y = (x * (1.0 / scale)).clamp(-qmax, qmax)
     q = y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)  # torch.round: half to even
