@@ -48,7 +48,8 @@ SWEEPS = {
              for tma in (False, True) if not (bm == 64 and w == 8)],
     "ahead": [C(128, bn, 8, st, lookahead=la) for bn, st in ((128, 3), (128, 4), (64, 4)) for la in (False, True)],
     # one warpgroup per program, so that two programs share an SM and one's softmax can hide under the other's dots
-    "wg1": [C(64, bn, 4, st, lookahead=la) for bn, st in ((128, 2), (128, 3), (128, 4), (64, 4)) for la in (False, True)]
+    "wg1": [C(64, bn, 4, st, lookahead=la) for bn, st in ((128, 2), (128, 3), (128, 4), (64, 4))
+            for la in (False, True)]
            + [C(64, 128, 4, 3, tma=True), C(64, 128, 4, 2, tma=True), C(64, 64, 4, 3), C(64, 64, 4, 3, tma=True)],
 }
 KEY_BIAS = 5.0
@@ -207,8 +208,9 @@ def run_shape(name: str, shape, modes, sweep) -> dict:
         print("  " + describe_row(row, rows[0]), flush=True)
         if "sweep" in row:
             ranked = sorted((ms, c) for c, ms in row["sweep"].items() if isinstance(ms, float))
+            ranked = ", ".join(f"{c} {ms} (cos {row['sweep_cos'].get(c)})" for ms, c in ranked)
             print(f"    sweep winner {row['config']} {row['kernel_ms']} ms (default {row['default_config']}: "
-                  f"{row['default_kernel_ms']} ms); ranked: " + ", ".join(f"{c} {ms} (cos {row['sweep_cos'].get(c)})" for ms, c in ranked), flush=True)
+                  f"{row['default_kernel_ms']} ms); ranked: {ranked}", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     return {"shape": list(shape), "rows": rows}

@@ -533,8 +533,8 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
         q_arg, k_arg, v_arg, qk.q_scale, qk.k_scale, vs, out, qk.lq, qk.lk, Lq_pad, Lk_pad, H, *strides,
         out.stride(0), out.stride(1), D, D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SCALE_BLOCK=qk.block, P_SHIFT=P_LOG2_FP8 if pv_fp8 else 0.0, PV_FP8=pv_fp8, TMA=config.tma,
-        HAS_TAIL=qk.lk % config.block_n != 0, LOOKAHEAD=config.lookahead, INTERPRET=_interpreting(), num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        HAS_TAIL=qk.lk % config.block_n != 0, LOOKAHEAD=config.lookahead, INTERPRET=_interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

@@ -87,10 +87,12 @@ def test_kernel_matches_sdpa(mode, D, tma):
     (2, 33, 20, SMALL, BLOCK),                       # keys shorter than one key block: the tail step alone
     (1, 64, 64, SMALL, BLOCK),                       # no tails at all
     (1, 150, 130, A.AttnConfig(64, 64, 4, 2), 128),  # runtime scale block, tiles smaller than it
-], ids=["short-keys-batch2", "no-tails", "scale-block-128"])
+    (1, 40, 45, SMALL, BLOCK),                       # one full key block and a tail
+    (1, 40, 100, A.AttnConfig(32, 32, 4, 2, tma=True), BLOCK),  # three full blocks and a tail, through TMA
+], ids=["short-keys-batch2", "no-tails", "scale-block-128", "one-full-block", "three-blocks-tma"])
 @pytest.mark.parametrize("lookahead", [False, True], ids=["", "lookahead"])
 def test_shapes(mode, B, Lq, Lk, cfg, block, lookahead):
-    skip_unsupported(mode)
+    skip_unsupported(mode, cfg.tma)
     q, k, v = inputs(B, Lq, Lk, 1, 64)
     cfg = dataclasses.replace(cfg, lookahead=lookahead)
     check(A.attention_quantized(q, k, v, mode, cfg, block=block), q, k, v, mode)
