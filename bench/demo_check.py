@@ -1,13 +1,16 @@
 """The demo model's semantic check under every engine scheme, memory plan and attention kernel (a GPU script).
 
     python -m wanrt.bench.demo_check [--model DIR] [--schemes bf16,fp8] [--attention sdpa]
-                                     [--settings default,streamed,slots,chunks,text,tiles] --out DIR
+                                     [--settings default,smallest,streamed,slots,chunks,text,tiles]
+                                     --out DIR
 
 The demo model (the shipped one, or a checkpoint written by `python -m wanrt.export.train_demo`) is exported once
 per scheme; each engine generates the 20 fixed prompts and seeds of `wanrt.export.synthetic.evaluate` (the bf16
-engine with each attention kernel this GPU supports, the others with SDPA), planned for the default budget
-(everything resident: the model is tiny) and with every streaming path forced (blocks through two slots, chunked
-tokens, one prompt at a time, tiled decode), or one of those paths alone. A row passes at >= 90% of its videos.
+engine with each attention kernel this GPU supports, the others with SDPA), planned for the default VRAM budget and for the smallest
+budget the planner accepts (the budgets that exist: for this tiny model both keep everything resident). As
+diagnostics, `--settings` can also force the streaming paths only large models take (blocks through two slots,
+chunked tokens, one prompt at a time, tiled decode), all at once ("streamed") or one alone. A row passes at >= 90% of
+its videos.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from wanrt.quant.formats import SCHEMES
 from wanrt.runtime import DEMO_MODEL
 from wanrt.runtime.engine import open_engine
 from wanrt.runtime.pipeline import WanPipeline
-from wanrt.runtime.plan import PhasePlan, Plan
+from wanrt.runtime.plan import PhasePlan, Plan, PlanError
 
 PASS_RATE = 0.9
 ATTENTION = ("sdpa", "fp8", "int8")
@@ -36,7 +39,16 @@ LAT, STEPS = (5, 8, 8), 20  # 64x64, 17 frames
 
 PATHS = ("slots", "chunks", "text", "tiles")
 # a setting: the streaming paths it forces ("streamed": all; one path alone tells which of them changes the result)
-SETTINGS = {"default": (), "streamed": PATHS, **{path: (path,) for path in PATHS}}
+SETTINGS = {"default": (), "smallest": (), "streamed": PATHS, **{path: (path,) for path in PATHS}}
+
+
+def smallest_budget(pipe: WanPipeline) -> int:
+    """The least VRAM (bytes) the planner accepts for the check's generations: what its refusal of 1 byte names."""
+    try:
+        pipe.plan(LAT, STEPS, budget=1)
+    except PlanError as e:
+        return e.needed
+    return 1
 
 
 def forced_streaming(plan: Plan, paths: tuple[str, ...] = PATHS) -> Plan:
@@ -55,7 +67,7 @@ def forced_streaming(plan: Plan, paths: tuple[str, ...] = PATHS) -> Plan:
     return dataclasses.replace(plan, phases=tuple(force(p) for p in plan.phases))
 
 
-def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES, settings: tuple[str, ...] = ("default", "streamed"),
+def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES, settings: tuple[str, ...] = ("default", "smallest"),
         attention_modes: tuple[str, ...] = ATTENTION) -> dict:
     cap = torch.cuda.get_device_capability()
     attention = [a for a in attention_modes if cap >= MIN_CAPABILITY.get(a, (0, 0))]
@@ -69,13 +81,15 @@ def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES, settings: tu
                     v, dit=dataclasses.replace(v.dit, attention=mode)))
                 for setting in settings:
                     pipe = WanPipeline(source, device="cuda")
+                    if setting == "smallest":
+                        pipe.vram_budget = smallest_budget(pipe)
                     if SETTINGS[setting]:
                         plan = pipe.plan
                         pipe.plan = lambda *a, plan=plan, paths=SETTINGS[setting]: forced_streaming(plan(*a), paths)
                     start = time.perf_counter()
                     result = evaluate(pipe)
                     report["rows"].append({
-                        "scheme": scheme, "attention": mode, "setting": setting,
+                        "scheme": scheme, "attention": mode, "setting": setting, "vram_budget": pipe.vram_budget,
                         "plan": pipe.plan(LAT, STEPS).phase("denoise").describe(),
                         "pass_rate": result["pass_rate"], "seconds": round(time.perf_counter() - start, 1),
                         "failures": [r for r in result["results"] if not r["ok"]]})
@@ -92,7 +106,8 @@ def markdown(report: dict) -> str:
              "| scheme | attention | plan | pass rate | s | denoise phase |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         mark = "" if r["pass_rate"] >= PASS_RATE else " (below 90%)"
-        lines.append(f"| {r['scheme']} | {r['attention']} | {r['setting']} | {r['pass_rate']:.0%}{mark} | "
+        budget = f" ({r['vram_budget'] / 2**20:,.0f} MiB)" if "vram_budget" in r else ""
+        lines.append(f"| {r['scheme']} | {r['attention']} | {r['setting']}{budget} | {r['pass_rate']:.0%}{mark} | "
                      f"{r['seconds']} | {r['plan']} |")
     return "\n".join(lines) + "\n"
 
@@ -101,7 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a demo model (default: the shipped one)")
     p.add_argument("--schemes", default=",".join(SCHEMES), help="engine schemes to check (split a run over calls)")
-    p.add_argument("--settings", default="default,streamed", help=f"plans to check, of {', '.join(SETTINGS)}")
+    p.add_argument("--settings", default="default,smallest", help=f"plans to check, of {', '.join(SETTINGS)}")
     p.add_argument("--attention", default=",".join(ATTENTION), help="attention kernels of the bf16 engine")
     p.add_argument("--out", type=Path, default=Path("bench/results/demo_check"))
     a = p.parse_args()

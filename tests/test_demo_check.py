@@ -1,7 +1,10 @@
 """demo_check's forced plans (the check itself needs a GPU): each setting forces its streaming paths and only
 those, on the plan of the embedded demo model."""
 import wanrt
-from wanrt.bench.demo_check import LAT, SETTINGS, STEPS, forced_streaming
+import pytest
+
+from wanrt.bench.demo_check import LAT, SETTINGS, STEPS, forced_streaming, smallest_budget
+from wanrt.runtime.plan import PlanError
 
 
 def test_each_setting_forces_its_paths_only():
@@ -17,3 +20,14 @@ def test_each_setting_forces_its_paths_only():
         assert (forced["decode"].tile == (4, 4)) == ("tiles" in paths)
         if not paths:
             assert forced == base
+
+
+def test_smallest_budget_is_the_least_the_planner_accepts():
+    """The "smallest" setting: the plan fits there and not 1 MiB below; for the tiny demo model it is the default
+    plan (everything resident), which is why the forced paths are diagnostics, not budgets."""
+    pipe = wanrt.load(device="cpu")
+    budget = smallest_budget(pipe)
+    with pytest.raises(PlanError):
+        pipe.plan(LAT, STEPS, budget=budget - 2**20)
+    assert [p.describe() for p in pipe.plan(LAT, STEPS, budget=budget).phases] == \
+        [p.describe() for p in pipe.plan(LAT, STEPS).phases]
