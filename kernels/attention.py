@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from wanrt.kernels import attention_sm90
 from wanrt.kernels.dispatch import ADA, AMPERE, HOPPER, capability, has_triton
 
 try:
@@ -90,16 +91,20 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 class AttnConfig:
     """Tile sizes and launch settings of the attention kernel. `tma` loads Q/K/V tiles through host-built tensor
     descriptors (sm_90+) instead of pointer loads. `lookahead` issues the next key block's QK dot before this block's
-    softmax, so the tensor cores can work while the softmax runs (FlashAttention-3's intra-warpgroup overlap)."""
+    softmax (Triton still waits for it at once, so this only reorders). `pipelined` runs the Gluon kernel of
+    `attention_sm90` instead (sm_90, fp8 P·V modes, D = 128, 64x128 tiles, num_stages K/V slots), whose dots do run
+    under the softmax (FlashAttention-3's intra-warpgroup overlap)."""
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = False
     lookahead: bool = False
+    pipelined: bool = False
 
     def describe(self) -> str:
-        extra = [name for name, on in (("tma", self.tma), ("ahead", self.lookahead)) if on]
+        extra = [name for name, on in (("tma", self.tma), ("ahead", self.lookahead), ("pipelined", self.pipelined))
+                 if on]
         return "/".join([f"BM{self.block_m}/BN{self.block_n}/w{self.num_warps}/s{self.num_stages}", *extra])
 
 
@@ -109,7 +114,8 @@ class AttnConfig:
 # 9.86 and 9.27 ms for 128 rows in two warpgroups). With 16-bit P·V the larger P tile favours 128 rows; int8 QK there
 # gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per stage at
 # D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and Ampere
-# get narrower key blocks and fewer stages. Pass `config=` to override (bench sweeps).
+# get narrower key blocks and fewer stages. The pipelined Gluon kernel (`attention_sm90`) ties these fp8 P·V entries on
+# the H100 (attention_h100.md) and stays opt-in. Pass `config=` to override (bench sweeps).
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(64, 128, 4, 2, tma=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
@@ -483,6 +489,9 @@ def quantize_v(v: torch.Tensor, block: int = SCALE_BLOCK) -> QuantizedV:
 
 
 def _check_config(cfg: AttnConfig, block: int, D: int) -> None:
+    if cfg.pipelined and (cfg.block_m, cfg.block_n, cfg.num_warps) != (attention_sm90.BLOCK_M, attention_sm90.BLOCK_N,
+                                                                       attention_sm90.NUM_WARPS):
+        raise ValueError(f"a pipelined config has 64x128 tiles and 4 warps, got {cfg.describe()}")
     for name, n, lo in (("block_m", cfg.block_m, 16), ("block_n", cfg.block_n, 32)):
         if n & (n - 1) or n < lo or block % n:
             raise ValueError(f"{name} must be a power of two >= {lo} dividing the scale block {block}, got {n}")
@@ -516,6 +525,11 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
     elif out.shape != (B, qk.lq, H * D) or out.stride(-1) != 1 or out.stride(1) != H * D:
         raise ValueError(f"out must be a [B, Lq, H*D] = {(B, qk.lq, H * D)} tensor with rows of H*D contiguous "
                          f"values, got {tuple(out.shape)} with strides {out.stride()}")
+    if config.pipelined:
+        if not pv_fp8 or D != 128 or qk.block % attention_sm90.BLOCK_N or not attention_sm90.available():
+            raise ValueError("the pipelined kernel needs fp8 P·V, head_dim 128, scale blocks of a multiple of 128 "
+                             "tokens and a Triton with Gluon")
+        return attention_sm90.attention_kernel_sm90(qk, v, out, P_LOG2_FP8, config.num_stages)
     q_arg, k_arg = qk.q, qk.k
     if config.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -568,15 +582,16 @@ def attention_quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode:
 
 @torch.library.custom_op("wanrt::quantized_attention", mutates_args=())
 def quantized_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, block_m: int, block_n: int,
-                           num_warps: int, num_stages: int, tma: bool, lookahead: bool) -> torch.Tensor:
+                           num_warps: int, num_stages: int, tma: bool, lookahead: bool,
+                           pipelined: bool) -> torch.Tensor:
     """`attention_quantized` (128-token scale blocks) as one opaque op: torch.compile(fullgraph=True) keeps it whole
     in a compiled DiT block instead of tracing the launcher."""
     return attention_quantized(q, k, v, mode,
-                               AttnConfig(block_m, block_n, num_warps, num_stages, tma, lookahead))
+                               AttnConfig(block_m, block_n, num_warps, num_stages, tma, lookahead, pipelined))
 
 
 @quantized_attention_op.register_fake
-def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead):
+def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead, pipelined):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]), dtype=v.dtype)
 
 
@@ -600,4 +615,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
     if not has_triton():
         raise ValueError(f"attention mode {mode!r} needs Triton, which is not installed")
     c = config or default_config(mode, q.shape[-1], capability(q.device))
-    return quantized_attention_op(q, k, v, mode, c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.lookahead)
+    return quantized_attention_op(q, k, v, mode, c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.lookahead,
+                                  c.pipelined)

@@ -213,7 +213,7 @@ def test_op_under_torch_compile():
     q, k, v = inputs(1, 20, 12, 1, 64)
 
     def f(q, k, v):
-        return A.quantized_attention_op(q, k, v, "int8", 128, 128, 8, 3, False, True) * 2
+        return A.quantized_attention_op(q, k, v, "int8", 128, 128, 8, 3, False, True, False) * 2
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     assert got.shape == (1, 20, 64)
