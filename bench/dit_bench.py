@@ -131,10 +131,14 @@ def fidelity(dit: WanDiT, blocks: list[dict], qblocks: list[dict], scheme: str, 
     return out
 
 
-def run(report: dict, runs: int) -> None:
+def run(report: dict, runs: int, attention_only: bool = False) -> None:
     dit, blocks, noise, ctx = setup("t2v-1.3B")
     base_cfg = dit.cfg
     rows = report["rows"] = {}
+    if attention_only:
+        seen = capture(dit, blocks, noise, ctx[0], (0, base_cfg.num_layers - 1))
+        report["attention_captured"] = attention_fidelity(seen)
+        return
 
     def measure(label: str, cfg, blks, reference: bool = False) -> None:
         dit.cfg = cfg
@@ -190,7 +194,9 @@ def markdown(report: dict) -> str:
              "blocks every row keeps for comparison (quantized rows hold both). Reproduce: "
              "`python -m wanrt.bench.dit_bench`.", "",
              "| variant | forward (ms) | vs bf16 fused | max allocated (GiB) | velocity rel. err | latents after 4 "
-             "steps rel. err |", "|---|---|---|---|---|---|"]
+             "steps rel. err |", "|---|---|---|---|---|---|"] if report["rows"] else [
+             f"# Attention on captured q, k, v: {g['gpu']} (torch {g['torch']}, triton {g['triton']})", "",
+             f"Reproduce: `{report['command']}`."]
     for label, r in report["rows"].items():
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error'][:120]} | | | | |")
@@ -219,10 +225,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/dit_h100"))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--attention-only", action="store_true",
+                    help="only the attention modes on the captured q, k, v (one bf16 forward)")
     args = ap.parse_args()
-    report = {"machine": gpu_info(), "command": "python -m wanrt.bench.dit_bench", "shape": list(LAT_480P)}
+    command = "python -m wanrt.bench.dit_bench" + (" --attention-only" if args.attention_only else "")
+    report = {"machine": gpu_info(), "command": command, "shape": list(LAT_480P)}
     with torch.no_grad():
-        run(report, args.runs)
+        run(report, args.runs, args.attention_only)
     md = markdown(report)
     write_report(report, args.out, md)
     print(md)
