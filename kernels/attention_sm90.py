@@ -73,8 +73,8 @@ if gluon is not None:
     @gluon.jit
     def _pipelined_step(j, n, Lk, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, k_row,
                         v_row, KS, qs, zero_s, offs_n, p_layout: gl.constexpr, o_rows: gl.constexpr,
-                        BLOCK_N: gl.constexpr,
-                        SCALE_BLOCK: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr):
+                        BLOCK_N: gl.constexpr, SCALE_BLOCK: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
+                        MASK: gl.constexpr):
         """Key block j >= 1, given block j-1's P (fp32) and alpha: issue QK_j and P_{j-1} V_{j-1}, run block j's
         softmax while P·V runs, wait for it. Returns (P_j, acc, m, l, alpha_j). Both dots are issued and waited for
         here: ptxas serializes every wgmma when one is still in flight at the loop's back edge. P crosses the back edge
@@ -152,7 +152,7 @@ if gluon is not None:
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         _load_kv(k_desc, k_row + STAGES * BLOCK_N, 0, k_bar.index(0), k_smem.index(0), STAGES < n)
-        # block 0 is masked only when it is also the last block
+        # with a tail, block 0 takes the masked path, a no-op unless it is also the last block
         p, m_i, l_i, alpha = _softmax_step(s, qs * gl.load(KS), m_i, l_i, Lk, offs_n, P_SHIFT, HAS_TAIL)
         for j in range(1, n - 1):
             p, acc, m_i, l_i, alpha = _pipelined_step(
