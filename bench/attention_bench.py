@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from wanrt.bench.common import GiB, gpu_info, write_report
+from wanrt.bench.gpu_power import sustained
 from wanrt.kernels import attention as A
 
 SHAPES = [  # name, (B, H, Lq, Lk, D)
@@ -123,8 +124,10 @@ def run_sdpa(name, backend, shape, sets, refs) -> dict:
         acc[tag] = accuracy(run(qt, kt, vt).transpose(1, 2).flatten(2), refs[tag])
         if tag == "rand":
             ms = bench_ms(lambda: run(qt, kt, vt))
+            load = sustained(lambda: run(qt, kt, vt))
         del qt, kt, vt
-    return {"variant": name, "kernel_ms": ms, "total_ms": ms, "tflops": tflops(shape, ms), "acc": acc}
+    return {"variant": name, "kernel_ms": ms, "total_ms": ms, "tflops": tflops(shape, ms), "acc": acc,
+            "sustained": load}
 
 
 def run_sdpa_op(shape, sets, refs) -> dict:
@@ -162,6 +165,7 @@ def run_mode(mode, shape, sets, refs, sweep: list[A.AttnConfig]) -> dict:
         raise RuntimeError(f"no config ran: {results}")
     best_name = min(timed, key=timed.get)
     best = next(c for c in configs if c.describe() == best_name)
+    load = sustained(lambda: A.attention_kernel(qk, vv, best, out=out))
     del qk, vv, out
     kernel_ms = timed[best_name]
     quant_ms = bench_ms(lambda: quantize(q, k, v, mode))
@@ -171,7 +175,7 @@ def run_mode(mode, shape, sets, refs, sweep: list[A.AttnConfig]) -> dict:
             "default_kernel_ms": timed.get(default.describe()), "kernel_ms": kernel_ms, "quant_ms": quant_ms,
             "total_ms": total_ms, "tflops_kernel": tflops(shape, kernel_ms), "tflops": tflops(shape, total_ms),
             "extra_gib": peak_extra_gib(lambda: A.attention_quantized(q, k, v, mode, best)), "acc": acc,
-            "sweep": results, "sweep_cos": cos}
+            "sustained": load, "sweep": results, "sweep_cos": cos}
 
 
 def run_sage(shape, sets, refs) -> dict:
@@ -182,7 +186,7 @@ def run_sage(shape, sets, refs) -> dict:
     q, k, v = sets["rand"]
     ms = bench_ms(lambda: run(q, k, v))
     return {"variant": "sageattn", "kernel_ms": ms, "total_ms": ms, "tflops": tflops(shape, ms),
-            "extra_gib": peak_extra_gib(lambda: run(q, k, v)),
+            "sustained": sustained(lambda: run(q, k, v)), "extra_gib": peak_extra_gib(lambda: run(q, k, v)),
             "acc": {tag: accuracy(run(*sets[tag]), refs[tag]) for tag in sets}}
 
 
@@ -226,6 +230,27 @@ def describe_row(row: dict, base: dict) -> str:
     return f"{row['variant']}: {row['total_ms']} ms, {row['tflops']} TFLOP/s{speed}; {acc}"
 
 
+def sustained_table(report: dict) -> list[str]:
+    """Each variant called back to back for 2 s (kernel alone for the quantized modes), with the power draw and SM
+    clock nvidia-smi reported meanwhile; 'capped' = share of samples with the software power cap holding the clock."""
+    lines = ["", "## Sustained load", "",
+             "Each variant called back to back for 2 s after 1 s of warm-up (`wanrt.bench.gpu_power.sustained`; "
+             "the quantized modes: kernel alone, table or sweep config as above). W and SM MHz are medians of "
+             "nvidia-smi samples every 50 ms; 'capped' is the share of samples in which the driver held the clock "
+             "down to stay within the board power limit.", "",
+             "| shape | variant | burst ms | sustained ms | x sdpa_cudnn (sustained) | W | SM MHz | capped |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, sec in report["shapes"].items():
+        rows = [r for r in sec["rows"] if "sustained" in r]
+        base = next((r["sustained"]["sustained_ms"] for r in rows if r["variant"] == "sdpa_cudnn"), None)
+        for r in rows:
+            load = r["sustained"]
+            x = f"{base / load['sustained_ms']:.2f}" if base else ""
+            lines.append(f"| {name} | {r['variant']} | {r['kernel_ms']} | {load['sustained_ms']} | {x} | "
+                         f"{load.get('power_w', '')} | {load.get('sm_mhz', '')} | {load.get('power_capped', '')} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# Attention: {m['gpu']} (torch {m['torch']}, triton {m['triton']})", "",
@@ -248,6 +273,7 @@ def markdown(report: dict) -> str:
                          f"{r.get('quant_ms', '')} | {r['total_ms']} | {r['tflops']} | {x} | "
                          f"{r.get('extra_gib', '')} | {a.get('cos', '')} | {a.get('rel', '')} | {b.get('cos', '')} | "
                          f"{b.get('rel', '')} |")
+    lines += sustained_table(report)
     lines += ["", "## Config sweeps (kernel alone, ms)", ""]
     for name, sec in report["shapes"].items():
         for r in sec["rows"]:
