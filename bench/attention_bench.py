@@ -15,7 +15,9 @@ Variants per shape (bf16 inputs [B, L, H, D] as the DiT makes them):
   sageattn     sageattention.sageattn (1.0.6: int8 QK, fp16 P·V, Triton), when importable
 Times are medians of triton.testing.do_bench; TFLOP/s = 4 B H Lq Lk D / t. Accuracy is against bf16 SDPA (the default
 backend) on two input sets: randn q, k, v ('rand') and the same with a strong per-channel key offset, k += 5 randn(D)
-('K bias'), as real keys have. Each variant runs in its own try/except: a failure is recorded and the run goes on.
+('K bias'), as real keys have. The SDPA backends, each mode's chosen kernel and sageattn also run back to back for
+2 s with nvidia-smi's power draw and SM clock sampled meanwhile (`wanrt.bench.gpu_power`): the 'Sustained load'
+table. Each variant runs in its own try/except: a failure is recorded and the run goes on.
 Writes <out>/attention_bench.json and .md (after every shape; `_shapes0-3` appended when --shapes picks a subset) and
 prints the table. The full run compiles ~60 kernel variants; split it with --shapes to stay within a time limit.
 """

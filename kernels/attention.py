@@ -114,8 +114,8 @@ class AttnConfig:
 # 9.86 and 9.27 ms for 128 rows in two warpgroups). With 16-bit P·V the larger P tile favours 128 rows; int8 QK there
 # gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per stage at
 # D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and Ampere
-# get narrower key blocks and fewer stages. The pipelined Gluon kernel (`attention_sm90`) ties these fp8 P·V entries on
-# the H100 (attention_h100.md) and stays opt-in. Pass `config=` to override (bench sweeps).
+# get narrower key blocks and fewer stages. The pipelined Gluon kernel (`attention_sm90`) does not beat these fp8 P·V
+# entries on the H100 (attention_h100.md) and stays opt-in. Pass `config=` to override (bench sweeps).
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(64, 128, 4, 2, tma=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
