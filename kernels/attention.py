@@ -35,7 +35,14 @@ Layouts (padding to whole scale blocks lets every Q, K and fp8 V tile load run u
 - quantized q, k: [B, H, L_pad, D] contiguous, L_pad = ceil(L / block) * block, padded rows are zero; scales
   [B, H, L_pad / block] fp32.
 - quantized v ('fp8', 'int8_fp8pv'): [B, H, D, Lk_pad] contiguous (V^T: tokens contiguous, as Hopper's fp8 wgmma
-  wants its B operand K-major), padded columns zero; scales [B, H, D] fp32.
+  wants its B operand K-major), padded columns zero; scales [B, H, D] fp32. Within each 16 tokens the columns are in
+  the P·V key order (`pv_key_order`), not token order.
+- P·V key order: a thread holds the scores of keys 8a + 2t + b (+16g) of its rows (the accumulator layout of
+  the QK dot, t = lane % 4), while an 8-bit A operand wants keys 4t + i in the same thread. Since P·V sums over keys in
+  any order, the kernel relabels P's keys 8a + 2t + b -> 4t + 2a + b (a free reshape and permute of registers) and V
+  is stored in that order. Otherwise each key block pays for a shuffle across lanes (16 SHFL, 16 SEL and 16 PRMT per
+  thread), and the registers it takes leave room for two 64-row programs per H100 SM instead of three
+  (tests/test_attention_compile.py checks both on the sm_90 SASS).
 - output: [B, Lq, H*D] in v's dtype, written token-major so the output projection reads it without a transpose.
 
 References: FlashAttention-2 (Dao, 2023); SageAttention 1/2 (Zhang et al., arXiv 2410.02367, 2411.10958) for smoothed
@@ -70,6 +77,7 @@ FP8_MAX, INT8_MAX = 448.0, 127.0
 LOG2E = 1.4426950408889634
 P_LOG2_FP8 = 8.0  # 'fp8': P = 2^(S - m + 8) <= 256 < 448; exact powers of two keep the cast from overflowing
 SCALE_BLOCK = 128  # tokens per Q/K scale
+PV_GROUP = 16  # tokens per group of the P·V key order
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,13 +227,30 @@ def quantize_qk_ref(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, block:
     return QuantizedQK(qq, qs, kq, ks, q.shape[1], k.shape[1], block)
 
 
+def pv_key_order(n: int, device=None) -> torch.Tensor:
+    """The token held by each of n (a multiple of 16) columns of a quantized V^T: column 4t + 2a + b of a group of 16
+    holds token 8a + 2t + b (module docstring)."""
+    col = torch.arange(n, device=device)
+    t, a, b = (col >> 2) & 3, (col >> 1) & 1, col & 1
+    return (col & -PV_GROUP) | (a << 3) | (t << 1) | b
+
+
 def quantize_v_ref(v: torch.Tensor, block: int = SCALE_BLOCK) -> QuantizedV:
-    """PyTorch twin of `quantize_v`: [B, L, H, D] -> e4m3 V^T [B, H, D, L_pad] with per head-and-channel scales."""
+    """PyTorch twin of `quantize_v`: [B, L, H, D] -> e4m3 V^T [B, H, D, L_pad] in the P·V key order, with per
+    head-and-channel scales."""
     B, L, H, D = v.shape
     vmax = _value_max(v)  # [B, H, D]
     x = (v.float().permute(0, 2, 3, 1) * (vmax.new_tensor(FP8_MAX) / vmax[..., None])).clamp(-FP8_MAX, FP8_MAX)
-    x = F.pad(x, (0, _padded(L, block) - L)).to(torch.float8_e4m3fn).contiguous()
+    x = F.pad(x, (0, _padded(L, block) - L))
+    x = x[..., pv_key_order(x.shape[-1], x.device)].to(torch.float8_e4m3fn).contiguous()
     return QuantizedV(x, (vmax / FP8_MAX).contiguous(), L)
+
+
+def dequantize_v(qv: QuantizedV) -> torch.Tensor:
+    """fp32 [B, H, Lk, D] of v as the kernel sees it (token order, padding cut)."""
+    x = torch.empty_like(qv.v, dtype=torch.float32)
+    x[..., pv_key_order(x.shape[-1], x.device)] = qv.v.float() * qv.scale[..., None]
+    return x[..., :qv.lk].transpose(-1, -2)
 
 
 def dequantize_qk(qk: QuantizedQK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +266,7 @@ def attention_quantized_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     check_mode(mode, None)
     qq, kq = dequantize_qk(quantize_qk_ref(q, k, QK_DTYPE[mode], block, smooth_k))
     if mode in FP8_PV_MODES:
-        qv = quantize_v_ref(v, block)
-        vv = (qv.v.float() * qv.scale[..., None])[..., :qv.lk].transpose(-1, -2)  # [B, H, Lk, D]
+        vv = dequantize_v(quantize_v_ref(v, block))
     else:
         vv = v.float().transpose(1, 2)
     p = torch.softmax((qq @ kq.transpose(-1, -2)) / LOG2E, dim=-1)  # S is in base 2
@@ -305,8 +329,8 @@ if triton is not None:
     @triton.jit
     def _quantize_v_kernel(V, Vmax, Out, L, L_pad, H, stride_vb, stride_vl, stride_vh, D: tl.constexpr,
                            BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-        """One block of BLOCK tokens of one head: V [B, L, H, D] -> e4m3 Out [B, H, D, L_pad] (V^T), scaled by
-        448 / Vmax [B, H, D] per channel."""
+        """One block of BLOCK tokens of one head: V [B, L, H, D] -> e4m3 Out [B, H, D, L_pad] (V^T in the P·V key
+        order), scaled by 448 / Vmax [B, H, D] per channel."""
         blk = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -317,7 +341,16 @@ if triton is not None:
                     mask=offs_l[:, None] < L, other=0.0).to(tl.float32)
         inv = 448.0 / tl.load(Vmax + bh * D + offs_d)
         x = tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)
-        tl.store(Out + (bh * D + offs_d)[None, :] * L_pad + offs_l[:, None], _cast(x, tl.float8e4nv, INTERPRET))
+        # token 8a + 2t + b of each group of 16 goes to column 4t + 2a + b (pv_key_order)
+        col = (offs_l & -16) | (((offs_l >> 1) & 3) << 2) | (((offs_l >> 3) & 1) << 1) | (offs_l & 1)
+        tl.store(Out + (bh * D + offs_d)[None, :] * L_pad + col[:, None], _cast(x, tl.float8e4nv, INTERPRET))
+
+    @triton.jit
+    def _pv_key_order(p, BLOCK_N: tl.constexpr):
+        """P [BLOCK_M, BLOCK_N] with its keys relabelled 8a + 2t + b -> 4t + 2a + b in each group of 16 (module
+        docstring): on the GPU a renaming of registers, after which P is already in the 8-bit A-operand layout."""
+        p = p.reshape(p.shape[0], BLOCK_N // 16, 2, 4, 2).permute(0, 1, 3, 2, 4)
+        return p.reshape(p.shape[0], BLOCK_N)
 
     @triton.jit
     def _qk_dot(q, K, start_n, k_row, offs_n, offs_d, D: tl.constexpr, TMA: tl.constexpr):
@@ -352,7 +385,8 @@ if triton is not None:
             else:
                 vt = tl.load(V + offs_d[:, None] * Lk_pad + (start_n + offs_n)[None, :])
             # a separate fp32 add: keeps fp8 accumulation (reduced precision on sm_90) to one block
-            acc = acc * alpha[:, None] + tl.dot(_cast(p, tl.float8e4nv, INTERPRET), tl.trans(vt))
+            p8 = _cast(_pv_key_order(p, BLOCK_N), tl.float8e4nv, INTERPRET)
+            acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
         else:
             if TMA:
                 v = V.load([b, start_n, h, 0]).reshape(BLOCK_N, D)  # zero-filled past Lk
@@ -443,6 +477,11 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _check_block(block: int) -> None:
+    if block & (block - 1) or block < PV_GROUP:
+        raise ValueError(f"block must be a power of two >= {PV_GROUP}, got {block}")
+
+
 def _require_triton() -> None:
     if triton is None:
         raise ValueError("the quantized attention kernels need Triton, which is not installed")
@@ -455,8 +494,7 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, block: int
     log2(e)/sqrt(D); k is smoothed (its per head-and-channel mean over tokens subtracted) unless smooth_k=False."""
     _require_triton()
     qmax = _qmax(dtype)
-    if block & (block - 1) or block < 16:
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    _check_block(block)
     B, _, H, D = q.shape
     mean = _key_mean(k) if smooth_k else None
     out = []
@@ -475,9 +513,10 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, block: int
 
 
 def quantize_v(v: torch.Tensor, block: int = SCALE_BLOCK) -> QuantizedV:
-    """Triton: v [B, L, H, D] -> e4m3 V^T [B, H, D, L_pad] (L_pad a multiple of `block`, zero padded) and per
-    head-and-channel fp32 scales [B, H, D]."""
+    """Triton: v [B, L, H, D] -> e4m3 V^T [B, H, D, L_pad] (L_pad a multiple of `block`, zero padded; columns in the
+    P·V key order, `pv_key_order`) and per head-and-channel fp32 scales [B, H, D]."""
     _require_triton()
+    _check_block(block)
     v = _last_dim_contiguous(v)
     B, L, H, D = v.shape
     L_pad = _padded(L, block)

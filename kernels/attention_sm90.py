@@ -67,6 +67,15 @@ if gluon is not None:
         return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
     @gluon.jit
+    def _p_operand(p, p_layout: gl.constexpr):
+        """P (fp32, score layout) -> e4m3 in the A-operand layout of the P·V wgmma, keys relabelled into the P·V key
+        order of `wanrt.kernels.attention` (a renaming of registers, no shuffle across lanes)."""
+        M: gl.constexpr = p.shape[0]
+        N: gl.constexpr = p.shape[1]
+        p = gl.reshape(gl.permute(gl.reshape(p, [M, N // 16, 2, 4, 2]), [0, 1, 3, 2, 4]), [M, N])
+        return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+
+    @gluon.jit
     def _load_kv(desc, row, col, bar, smem, pred):
         mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
         tma_load(desc, [row, col], bar, smem, pred=pred)
@@ -84,7 +93,7 @@ if gluon is not None:
         prev = (j - 1) % STAGES
         mbarrier.wait(k_bar.index(st), (j // STAGES) & 1)
         s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        p8 = _p_operand(p, p_layout)
         mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
         acc = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * gl.convert_layout(alpha, o_rows)[:, None],
                             is_async=True)
@@ -165,7 +174,7 @@ if gluon is not None:
                 v_row, KS, qs, zero_s, offs_n, p_layout, o_rows, BLOCK_N, SCALE_BLOCK, P_SHIFT, STAGES, HAS_TAIL)
         last = (n - 1) % STAGES
         mbarrier.wait(v_bar.index(last), ((n - 1) // STAGES) & 1)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        p8 = _p_operand(p, p_layout)
         acc = warpgroup_mma(p8, v_smem.index(last).permute((1, 0)), acc * gl.convert_layout(alpha, o_rows)[:, None],
                             is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))

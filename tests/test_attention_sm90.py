@@ -56,6 +56,7 @@ def compile_for_sm90(mode: str, tail: bool) -> None:
     ptx, sass = compiled.asm["ptx"], get_sass(compiled.asm["cubin"])
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx, "no dot left in flight"
     assert "QGMMA" in sass or "IGMMA" in sass
+    assert "SHFL.IDX" not in sass, "P is shuffled across lanes before the P·V dot (see the P·V key order)"
     # The loop holds S, the accumulator and P near the register limit. With Triton 3.6 (the GPU image) no variant
     # spills; a newer ptxas (3.9's) spills a few registers once the masked last block is compiled in too.
     if not tail:

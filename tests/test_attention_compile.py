@@ -1,0 +1,66 @@
+"""The Triton attention kernel (kernels/attention.py) compiled for sm_90 without a GPU, with the Hopper table config of
+each fp8 P·V mode (TMA loads, 64 query rows per program). Two properties the H100 speed rests on, read from the SASS
+and the cubin's resource usage (Triton's own ptxas and cuobjdump):
+- P reaches the P·V dot without a shuffle across lanes (no SHFL.IDX): the P·V key order of the quantized V makes the
+  QK accumulator's registers the A operand as they are (`pv_key_order`). Without it each key block costs 16 SHFL.IDX.
+- at most 168 registers per thread, so that three programs (12 warps) share an SM: with 176 they fit two, measured
+  ~10% slower on the H100.
+Runs in a child process: the interpreter (TRITON_INTERPRET=1, set by conftest without a GPU) replaces jit functions."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from wanrt.kernels import attention as A
+
+MAX_REGS = 168  # 65,536 registers per SM / (3 programs x 128 threads), in the allocation unit of 8
+
+
+def compile_for_sm90(mode: str) -> tuple[str, int]:
+    """(SASS, registers per thread) of the kernel for this mode's sm_90 config."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.tools.disasm import get_sass
+
+    cfg = A.default_config(mode, 128)
+    qk = {"fp8": "fp8e4nv", "int8_fp8pv": "i8"}[mode]
+    consts = dict(D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCALE_BLOCK=A.SCALE_BLOCK, P_SHIFT=A.P_LOG2_FP8,
+                  PV_FP8=True, TMA=cfg.tma, HAS_TAIL=False, LOOKAHEAD=cfg.lookahead, INTERPRET=False)
+    descs = {"Q": f"tensordesc<{qk}[{cfg.block_m}, 128]>", "K": f"tensordesc<{qk}[{cfg.block_n}, 128]>",
+             "V": f"tensordesc<fp8e4nv[128, {cfg.block_n}]>"}
+    kern = A._attn_fwd_kernel
+    sig = {n: "constexpr" if n in consts else descs.get(n) or ("*bf16" if n == "Out" else "*fp32" if n in
+           ("QS", "KS", "VS") else "i32") for n in kern.arg_names}
+    aligned = ("QS", "KS", "VS", "Out", "Lq_pad", "Lk_pad", "stride_ob", "stride_ol", "stride_oh")  # as a launch has
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names) if n in aligned}
+    compiled = triton.compile(ASTSource(kern, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 64),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return get_sass(compiled.asm["cubin"]), int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def check_sm90(mode: str) -> None:
+    sass, regs = compile_for_sm90(mode)
+    assert "QGMMA" in sass or "IGMMA" in sass, "no wgmma in the kernel"
+    assert "SHFL.IDX" not in sass, "P is shuffled across lanes before the P·V dot"
+    assert regs <= MAX_REGS, f"{regs} registers per thread: fewer than three programs fit an SM"
+
+
+@pytest.mark.parametrize("mode", A.FP8_PV_MODES)
+def test_fp8_pv_kernel_for_sm90(mode):
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    code = f"import test_attention_compile as t; t.check_sm90({mode!r})"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
