@@ -118,12 +118,13 @@ class AttnConfig:
 
 # Chosen ahead, no run-time autotuning (H100 sweeps: bench/results/attention_h100_sweep_*.md, kernel alone at 1.3B
 # 480p). With fp8 P·V the best Hopper tiles are 64 query rows per program in one warpgroup (4 warps) with TMA loads:
-# two programs share an SM, so one's softmax runs while the other's dots do (8.13 ms int8_fp8pv, 8.54 ms fp8, against
-# 9.86 and 9.27 ms for 128 rows in two warpgroups). With 16-bit P·V the larger P tile favours 128 rows; int8 QK there
-# gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per stage at
-# D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and Ampere
-# get narrower key blocks and fewer stages. The pipelined Gluon kernel (`attention_sm90`) does not beat these fp8 P·V
-# entries on the H100 (attention_h100.md) and stays opt-in. Pass `config=` to override (bench sweeps).
+# programs share an SM, so one's softmax runs while another's dots do (8.13 ms int8_fp8pv, 8.54 ms fp8, against 9.86 and
+# 9.27 ms for 128 rows in two warpgroups). With V in the P·V key order the kernel fits 168 registers and three programs
+# share an SM (fp8 7.74 ms in attention_h100.md; 8.19 ms with two). With 16-bit P·V the larger P tile favours 128 rows;
+# int8 QK there gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per
+# stage at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and
+# Ampere get narrower key blocks and fewer stages. The pipelined Gluon kernel (`attention_sm90`) does not beat these fp8
+# P·V entries on the H100 (attention_h100.md) and stays opt-in. Pass `config=` to override (bench sweeps).
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(64, 128, 4, 2, tma=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),

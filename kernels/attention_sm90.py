@@ -1,8 +1,8 @@
 """Hopper (sm_90) attention kernel in Gluon for the fp8 P·V modes ('fp8', 'int8_fp8pv'), pipelined as
 FlashAttention-3 does within one warpgroup: block j-1's P·V dot runs on the tensor cores while block j's softmax runs.
 Opt-in (`AttnConfig(..., pipelined=True)`): on the H100 it does not beat the Triton kernel (bench/results/
-attention_h100.md: 8.57 against 8.19 ms for fp8 at 1.3B 480p; 8.40 against 8.29 in the run before), so the table
-keeps the Triton kernel.
+attention_h100.md: 7.80 against 7.74 ms for fp8 at 1.3B 480p, where the Triton kernel fits three programs per SM
+and this one, at ~225 registers, two; 8.57 against 8.19 ms in the run before), so the table keeps the Triton kernel.
 
 Same math, inputs and output as `_attn_fwd_kernel` in `wanrt.kernels.attention` (its docstring has the formulas and
 layouts); that Triton kernel stays the default and the one the CPU tests run under TRITON_INTERPRET=1, which cannot run
