@@ -1,7 +1,7 @@
 """Attention on the GPU: SDPA (bf16) vs wanrt's quantized Triton attention vs SageAttention's Triton version.
 
     python -m wanrt.bench.attention_bench --out bench/results/attention_h100 [--shapes 0,3] [--modes fp8,int8]
-                                          [--sweep small|full|ahead|wg1|pipelined|none]
+                                          [--sweep small|full|ahead|wg1|gluon|none]
 
 Shapes (B, H, Lq, Lk, D): Wan2.1 self-attention at 480p x 81 frames (32,760 tokens) for 1.3B (12 heads) and 14B (40
 heads), 1.3B at 720p x 81 frames (75,600 tokens), and 1.3B cross-attention of 32,760 queries to 512 text keys.
@@ -54,8 +54,9 @@ SWEEPS = {
     "wg1": [C(64, bn, 4, st, lookahead=la) for bn, st in ((128, 2), (128, 3), (128, 4), (64, 4))
             for la in (False, True)]
            + [C(64, 128, 4, 3, tma=True), C(64, 128, 4, 2, tma=True), C(64, 64, 4, 3), C(64, 64, 4, 3, tma=True)],
-    # the Gluon kernel whose dots run under the softmax (fp8 P·V modes; other modes report an error and go on)
-    "pipelined": [C(64, 128, 4, st, pipelined=True) for st in (2, 3)],
+    # the Gluon kernel (three 64-row warpgroups sharing K/V slots; fp8 P·V modes, other modes report an error and go
+    # on) at 2-5 slots, beside the Triton kernel that takes its place where it cannot run
+    "gluon": [A.TRITON_FP8_PV_SM90] + [C(64, 128, 4, st, gluon=True) for st in (2, 3, 4, 5)],
 }
 KEY_BIAS = 5.0
 

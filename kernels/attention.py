@@ -99,20 +99,19 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 class AttnConfig:
     """Tile sizes and launch settings of the attention kernel. `tma` loads Q/K/V tiles through host-built tensor
     descriptors (sm_90+) instead of pointer loads. `lookahead` issues the next key block's QK dot before this block's
-    softmax (Triton still waits for it at once, so this only reorders). `pipelined` runs the Gluon kernel of
-    `attention_sm90` instead (sm_90, fp8 P·V modes, D = 128, 64x128 tiles, num_stages K/V slots), whose dots do run
-    under the softmax (FlashAttention-3's intra-warpgroup overlap)."""
+    softmax (Triton still waits for it at once, so this only reorders). `gluon` runs the Gluon kernel of
+    `attention_sm90` instead (sm_90, fp8 P·V modes, D = 128, 64x128 tiles per warpgroup, three warpgroups sharing
+    num_stages K/V slots)."""
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = False
     lookahead: bool = False
-    pipelined: bool = False
+    gluon: bool = False
 
     def describe(self) -> str:
-        extra = [name for name, on in (("tma", self.tma), ("ahead", self.lookahead), ("pipelined", self.pipelined))
-                 if on]
+        extra = [name for name, on in (("tma", self.tma), ("ahead", self.lookahead), ("gluon", self.gluon)) if on]
         return "/".join([f"BM{self.block_m}/BN{self.block_n}/w{self.num_warps}/s{self.num_stages}", *extra])
 
 
@@ -123,13 +122,15 @@ class AttnConfig:
 # share an SM (fp8 7.74 ms in attention_h100.md; 8.19 ms with two). With 16-bit P·V the larger P tile favours 128 rows;
 # int8 QK there gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per
 # stage at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and
-# Ampere get narrower key blocks and fewer stages. The pipelined Gluon kernel (`attention_sm90`) does not beat these fp8
-# P·V entries on the H100 (attention_h100.md) and stays opt-in. Pass `config=` to override (bench sweeps).
+# Ampere get narrower key blocks and fewer stages. The Gluon kernel (`attention_sm90`: three such warpgroups in one
+# program sharing 5 K/V slots) beats the Triton kernel for fp8 on every H100 shape (attention_h100.md); where it cannot
+# run, `default_config` takes TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
+TRITON_FP8_PV_SM90 = AttnConfig(64, 128, 4, 2, tma=True)
 CONFIGS = {
-    ("sm90", "fp8"): AttnConfig(64, 128, 4, 2, tma=True),
+    ("sm90", "fp8"): AttnConfig(64, 128, 4, 5, gluon=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
     ("sm90", "int8"): AttnConfig(128, 128, 8, 4, lookahead=True),
-    ("sm90", "int8_fp8pv"): AttnConfig(64, 128, 4, 2, tma=True),
+    ("sm90", "int8_fp8pv"): TRITON_FP8_PV_SM90,
     ("sm89", "fp8"): AttnConfig(128, 64, 4, 2),
     ("sm89", "fp8_bf16pv"): AttnConfig(128, 64, 4, 2),
     ("sm89", "int8"): AttnConfig(128, 64, 4, 2),
@@ -138,10 +139,16 @@ CONFIGS = {
 }
 
 
-def default_config(mode: str, head_dim: int, cap: tuple[int, int] | None = HOPPER) -> AttnConfig:
-    """The table entry for this mode on this GPU; head_dim 256 halves the key block to bound registers and memory."""
+def default_config(mode: str, head_dim: int, cap: tuple[int, int] | None = HOPPER,
+                   block: int = SCALE_BLOCK) -> AttnConfig:
+    """The table entry for this mode on this GPU; head_dim 256 halves the key block to bound registers and memory.
+    Where the Gluon kernel cannot run (not sm_90 itself, head_dim other than 128, scale blocks not a multiple of 128
+    tokens, no Gluon, the interpreter), its entry gives way to the Triton kernel."""
     arch = "sm90" if cap is None or cap >= HOPPER else "sm89" if cap >= ADA else "sm80"
     cfg = CONFIGS.get((arch, mode)) or CONFIGS["sm89", mode]  # fp8 modes never launch below sm_89
+    if cfg.gluon and not (cap == HOPPER and head_dim == 128 and block % attention_sm90.BLOCK_N == 0
+                          and attention_sm90.available() and not _interpreting()):
+        cfg = TRITON_FP8_PV_SM90
     if head_dim > 128:
         cfg = AttnConfig(cfg.block_m, 64, cfg.num_warps, 2, cfg.tma)
     return cfg
@@ -529,9 +536,9 @@ def quantize_v(v: torch.Tensor, block: int = SCALE_BLOCK) -> QuantizedV:
 
 
 def _check_config(cfg: AttnConfig, block: int, D: int) -> None:
-    if cfg.pipelined and (cfg.block_m, cfg.block_n, cfg.num_warps) != (attention_sm90.BLOCK_M, attention_sm90.BLOCK_N,
-                                                                       attention_sm90.NUM_WARPS):
-        raise ValueError(f"a pipelined config has 64x128 tiles and 4 warps, got {cfg.describe()}")
+    if cfg.gluon and (cfg.block_m, cfg.block_n, cfg.num_warps) != (attention_sm90.BLOCK_M, attention_sm90.BLOCK_N,
+                                                                   attention_sm90.NUM_WARPS):
+        raise ValueError(f"a gluon config has 64x128 tiles and 4 warps, got {cfg.describe()}")
     for name, n, lo in (("block_m", cfg.block_m, 16), ("block_n", cfg.block_n, 32)):
         if n & (n - 1) or n < lo or block % n:
             raise ValueError(f"{name} must be a power of two >= {lo} dividing the scale block {block}, got {n}")
@@ -565,10 +572,10 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
     elif out.shape != (B, qk.lq, H * D) or out.stride(-1) != 1 or out.stride(1) != H * D:
         raise ValueError(f"out must be a [B, Lq, H*D] = {(B, qk.lq, H * D)} tensor with rows of H*D contiguous "
                          f"values, got {tuple(out.shape)} with strides {out.stride()}")
-    if config.pipelined:
+    if config.gluon:
         if not pv_fp8 or D != 128 or qk.block % attention_sm90.BLOCK_N or not attention_sm90.available():
-            raise ValueError("the pipelined kernel needs fp8 P·V, head_dim 128, scale blocks of a multiple of 128 "
-                             "tokens and a Triton with Gluon")
+            raise ValueError("the gluon kernel needs fp8 P·V, head_dim 128, scale blocks of a multiple of 128 tokens "
+                             "and a Triton with Gluon")
         return attention_sm90.attention_kernel_sm90(qk, v, out, P_LOG2_FP8, config.num_stages)
     q_arg, k_arg = qk.q, qk.k
     if config.tma:
@@ -613,7 +620,7 @@ def attention_quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode:
         raise ValueError("attention_quantized runs the quantized modes; use attention_reference for 'sdpa'")
     if v.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quantized attention takes bf16 or fp16 v, got {v.dtype}")
-    config = config or default_config(mode, q.shape[-1], capability(q.device))
+    config = config or default_config(mode, q.shape[-1], capability(q.device), block)
     _check_config(config, block, q.shape[-1])
     qk = quantize_qk(q, k, QK_DTYPE[mode], block, smooth_k)
     vv = quantize_v(v, block) if mode in FP8_PV_MODES else v
@@ -623,15 +630,15 @@ def attention_quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode:
 @torch.library.custom_op("wanrt::quantized_attention", mutates_args=())
 def quantized_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, block_m: int, block_n: int,
                            num_warps: int, num_stages: int, tma: bool, lookahead: bool,
-                           pipelined: bool) -> torch.Tensor:
+                           gluon: bool) -> torch.Tensor:
     """`attention_quantized` (128-token scale blocks) as one opaque op: torch.compile(fullgraph=True) keeps it whole
     in a compiled DiT block instead of tracing the launcher."""
     return attention_quantized(q, k, v, mode,
-                               AttnConfig(block_m, block_n, num_warps, num_stages, tma, lookahead, pipelined))
+                               AttnConfig(block_m, block_n, num_warps, num_stages, tma, lookahead, gluon))
 
 
 @quantized_attention_op.register_fake
-def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead, pipelined):
+def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead, gluon):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]), dtype=v.dtype)
 
 
@@ -656,4 +663,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
         raise ValueError(f"attention mode {mode!r} needs Triton, which is not installed")
     c = config or default_config(mode, q.shape[-1], capability(q.device))
     return quantized_attention_op(q, k, v, mode, c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.lookahead,
-                                  c.pipelined)
+                                  c.gluon)

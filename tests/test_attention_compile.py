@@ -1,6 +1,7 @@
-"""The Triton attention kernel (kernels/attention.py) compiled for sm_90 without a GPU, with the Hopper table config of
-each fp8 P·V mode (TMA loads, 64 query rows per program). Two properties the H100 speed rests on, read from the SASS
-and the cubin's resource usage (Triton's own ptxas and cuobjdump):
+"""The Triton attention kernel (kernels/attention.py) compiled for sm_90 without a GPU, with its Hopper config for the
+fp8 P·V modes (`TRITON_FP8_PV_SM90`: TMA loads, 64 query rows per program; the int8_fp8pv table entry, and fp8's where
+the Gluon kernel cannot run). Two properties its H100 speed rests on, read from the SASS and the cubin's resource usage
+(Triton's own ptxas and cuobjdump):
 - P reaches the P·V dot without a shuffle across lanes (no SHFL.IDX): the P·V key order of the quantized V makes the
   QK accumulator's registers the A operand as they are (`pv_key_order`). Without it each key block costs 16 SHFL.IDX.
 - at most 168 registers per thread, so that three programs (12 warps) share an SM: with 176 they fit two, measured
@@ -21,13 +22,13 @@ MAX_REGS = 168  # 65,536 registers per SM / (3 programs x 128 threads), in the a
 
 
 def compile_for_sm90(mode: str) -> tuple[str, int]:
-    """(SASS, registers per thread) of the kernel for this mode's sm_90 config."""
+    """(SASS, registers per thread) of the kernel for this mode with the Hopper Triton config."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.tools.disasm import get_sass
 
-    cfg = A.default_config(mode, 128)
+    cfg = A.TRITON_FP8_PV_SM90
     qk = {"fp8": "fp8e4nv", "int8_fp8pv": "i8"}[mode]
     consts = dict(D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCALE_BLOCK=A.SCALE_BLOCK, P_SHIFT=A.P_LOG2_FP8,
                   PV_FP8=True, TMA=cfg.tma, HAS_TAIL=False, LOOKAHEAD=cfg.lookahead, INTERPRET=False)

@@ -189,7 +189,7 @@ def test_capability_errors_name_mode_and_gpu():
     A.check_mode("int8", (8, 0))
     A.check_mode("fp8", (8, 9))
     A.check_mode("fp8_bf16pv", (9, 0))
-    assert A.default_config("fp8", 128, (9, 0)) == A.CONFIGS["sm90", "fp8"]
+    assert A.default_config("fp8_bf16pv", 128, (9, 0)) == A.CONFIGS["sm90", "fp8_bf16pv"]
     assert A.default_config("int8", 128, (8, 0)) == A.CONFIGS["sm80", "int8"]
 
 
