@@ -14,8 +14,10 @@ warp): K/V tiles stream through a ring of STAGES shared-memory slots, each warpg
 read a slot, and the last warpgroup refills the slot once all three have. L2 traffic for K and V drops to a third and
 no warpgroup waits at a barrier for another, so one's softmax runs while another's dots do. Keeping a dot in flight
 across the softmax (FlashAttention-3's intra-warpgroup pipelining) needs more than 168 registers: ptxas then
-serializes every wgmma (measured: slower). P·V accumulates inside the wgmma across key blocks (Hopper's fp8
-accumulation keeps fewer bits than fp32: the cosine to SDPA moves from 0.998553 to 0.99854 on random inputs).
+serializes every wgmma (measured: slower). Each key block's P·V starts from zero in the wgmma and is added to the
+accumulator in fp32, as in the Triton kernel: Hopper's fp8 wgmma keeps only ~14 bits of what it accumulates, and
+carrying the output through it across all key blocks gave relative errors of 0.15-0.42 against SDPA on the q, k,
+v of a 1.3B forward in a dit_bench run (0.003-0.012 with the sum in fp32: bench/results/dit_h100.md).
 """
 from __future__ import annotations
 
@@ -92,12 +94,12 @@ if gluon is not None:
         tma_load(v_desc, [v_row, blk * v_desc.block_type.shape[1]], v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
-    def _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, p_layout: gl.constexpr,
+    def _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, zero_o, p_layout: gl.constexpr,
               o_rows: gl.constexpr, SCALE_BLOCK: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
               MASK: gl.constexpr, LOADER: gl.constexpr, HAS_TAIL: gl.constexpr):
         """Step i of one warpgroup, on key block j = _key_block(i): S = Q K_j^T, the softmax step, acc = alpha acc +
-        P V_j. Then the warpgroup releases slot i % STAGES; the LOADER (the last warpgroup) refills it with step
-        i + STAGES's block once all three have."""
+        P V_j (P V_j from zero in the wgmma, the sum in fp32). Then the warpgroup releases slot i % STAGES; the LOADER
+        (the last warpgroup) refills it with step i + STAGES's block once all three have."""
         k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_row, v_row = kv
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         j = _key_block(i, n, HAS_TAIL)
@@ -109,10 +111,10 @@ if gluon is not None:
         p, m_i, l_i, alpha = _softmax_step(s, qs * gl.load(KS + (j * BLOCK_N) // SCALE_BLOCK), m_i, l_i,
                                            Lk - j * BLOCK_N, P_SHIFT, MASK)
         p8 = _p_operand(p, p_layout)
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         mbarrier.wait(v_ready.index(st), phase)
-        acc = warpgroup_mma(p8, v_smem.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+        pv = warpgroup_mma(p8, v_smem.index(st).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        pv = warpgroup_mma_wait(0, deps=(pv,))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None] + pv
         mbarrier.arrive(kv_empty.index(st), count=1)
         if LOADER:
             if i + STAGES < n:
@@ -149,19 +151,20 @@ if gluon is not None:
         nblk = Lq_pad // SCALE_BLOCK
         qs = gl.load(QS + bh * nblk + gl.minimum(row0 // SCALE_BLOCK, nblk - 1))
         KS = KS + bh * (Lk_pad // SCALE_BLOCK)
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], s_dtype, layout)  # use_acc=False: the wgmma reads zero, not these
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], s_dtype, layout)  # use_acc=False: the wgmmas read zero, not these
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, layout))
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+        zero_o = gl.zeros([BLOCK_M, D], gl.float32, o_layout)  # (registers: ptxas gives RZ)
 
         mbarrier.wait(q_bar, 0)
         if HAS_TAIL:
-            acc, m_i, l_i = _step(0, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, p_layout, o_rows,
-                                  SCALE_BLOCK, P_SHIFT, STAGES, True, LOADER, HAS_TAIL)
+            acc, m_i, l_i = _step(0, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, zero_o, p_layout,
+                                  o_rows, SCALE_BLOCK, P_SHIFT, STAGES, True, LOADER, HAS_TAIL)
         START: gl.constexpr = 1 if HAS_TAIL else 0
         for i in range(START, n):
-            acc, m_i, l_i = _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, p_layout, o_rows,
-                                  SCALE_BLOCK, P_SHIFT, STAGES, False, LOADER, HAS_TAIL)
+            acc, m_i, l_i = _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, zero_o, p_layout,
+                                  o_rows, SCALE_BLOCK, P_SHIFT, STAGES, False, LOADER, HAS_TAIL)
 
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         offs_m = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
