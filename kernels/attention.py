@@ -119,12 +119,13 @@ class AttnConfig:
 # 480p). With fp8 P·V the best Hopper tiles are 64 query rows per program in one warpgroup (4 warps) with TMA loads:
 # programs share an SM, so one's softmax runs while another's dots do (8.13 ms int8_fp8pv, 8.54 ms fp8, against 9.86 and
 # 9.27 ms for 128 rows in two warpgroups). With V in the P·V key order the kernel fits 168 registers and three programs
-# share an SM (fp8 7.74 ms in attention_h100.md; 8.19 ms with two). With 16-bit P·V the larger P tile favours 128 rows;
-# int8 QK there gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3 stages). Shared memory per
-# stage at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB. Ada (99 KiB per block) and
-# Ampere get narrower key blocks and fewer stages. The Gluon kernel (`attention_sm90`: three such warpgroups in one
-# program sharing 5 K/V slots) beats the Triton kernel for fp8 on every H100 shape (attention_h100.md); where it cannot
-# run, `default_config` takes TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
+# share an SM (fp8 7.74 ms against 8.19 ms with two: attention_h100.md as of commit f9432b7). With 16-bit P·V the larger
+# P tile favours 128 rows; int8 QK there gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3
+# stages). Shared memory per stage at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB.
+# Ada (99 KiB per block) and Ampere get narrower key blocks and fewer stages. The Gluon kernel (`attention_sm90`: three
+# such warpgroups in one program sharing 5 K/V slots) beats it for fp8 on every H100 self-attention shape (7.33-7.67
+# against 8.05 ms at 1.3B 480p, attention_h100.md) but not for int8_fp8pv; where it cannot run, `default_config` takes
+# TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
 TRITON_FP8_PV_SM90 = AttnConfig(64, 128, 4, 2, tma=True)
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(64, 128, 4, 5, gluon=True),
