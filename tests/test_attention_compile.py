@@ -7,16 +7,11 @@ the Gluon kernel cannot run). Two properties its H100 speed rests on, read from 
 - at most 168 registers per thread, so that three programs (12 warps) share an SM: with 176 they fit two, measured
   ~10% slower on the H100.
 Runs in a child process: the interpreter (TRITON_INTERPRET=1, set by conftest without a GPU) replaces jit functions."""
-import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from wanrt.kernels import attention as A
+
+from sm90_offline import resource_usage, run_compiled
 
 MAX_REGS = 168  # 65,536 registers per SM / (3 programs x 128 threads), in the allocation unit of 8
 
@@ -41,13 +36,7 @@ def compile_for_sm90(mode: str) -> tuple[str, int]:
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names) if n in aligned}
     compiled = triton.compile(ASTSource(kern, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 64),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    return get_sass(compiled.asm["cubin"]), int(re.search(r"REG:(\d+)", usage).group(1))
+    return get_sass(compiled.asm["cubin"]), resource_usage(compiled.asm["cubin"])[0]
 
 
 def check_sm90(mode: str) -> None:
@@ -60,8 +49,4 @@ def check_sm90(mode: str) -> None:
 @pytest.mark.parametrize("mode", A.FP8_PV_MODES)
 def test_fp8_pv_kernel_for_sm90(mode):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    code = f"import test_attention_compile as t; t.check_sm90({mode!r})"
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_compiled(f"import test_attention_compile as t; t.check_sm90({mode!r})")

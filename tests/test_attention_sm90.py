@@ -8,11 +8,6 @@ valid rows and the K/V slot refills all run. Bounds as in test_kernels_attention
 reference by the rounding of P to e4m3 (< 0.045) and from SDPA by the quantization as a whole (< 0.08 fp8, < 0.06
 int8_fp8pv)."""
 import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +15,7 @@ import torch
 from wanrt.kernels import attention as A
 from wanrt.kernels import attention_sm90 as G
 
+from sm90_offline import resource_usage, run_compiled
 from test_kernels_attention import REF_BOUND, REL_BOUND, rel_err
 
 HOPPER_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -57,18 +53,12 @@ def compile_for_sm90(mode: str, tail: bool) -> None:
                               target=GPUTarget("cuda", 90, 64), options=dict(num_warps=G.NUM_WARPS,
                                                                              maxnreg=G.MAX_REGS))
     sass = get_sass(compiled.asm["cubin"])
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    regs, spill_bytes = resource_usage(compiled.asm["cubin"])
     dots = [line for line in sass.splitlines() if "GMMA" in line]
     assert dots, "no wgmma in the kernel"
-    assert int(re.search(r"REG:(\d+)", usage).group(1)) <= G.MAX_REGS
+    assert regs <= G.MAX_REGS
     # Triton 3.6's ptxas (the GPU image) fits it without spilling; 3.9's spills up to 16 bytes (a reload or two per
     # key block)
-    spill_bytes = int(re.search(r"STACK:(\d+)", usage).group(1))
     assert spill_bytes <= (0 if triton.__version__.startswith("3.6") else 16), f"{spill_bytes} bytes spilled"
     # each dot is 4 wgmmas (K = 128 in steps of 32); only the last of a group waits for the ones before it
     assert sum("gsb0" in line for line in dots) * 4 <= len(dots), "ptxas serialized the wgmmas"
@@ -79,11 +69,7 @@ def compile_for_sm90(mode: str, tail: bool) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tail", [False, True], ids=["whole", "tail"])
 def test_compiles_for_sm90(mode, tail):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    code = f"import test_attention_sm90 as t; t.compile_for_sm90({mode!r}, {tail})"
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_compiled(f"import test_attention_sm90 as t; t.compile_for_sm90({mode!r}, {tail})")
 
 
 def test_default_config_falls_back_where_gluon_cannot_run():
