@@ -34,7 +34,7 @@ except ImportError:  # no Triton, or one without Gluon: callers fall back to the
     gluon = None
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 4  # per warpgroup: 64 query rows, 128-key blocks, 4 warps
-WARPGROUPS = 3  # per program: 3 x 64 rows
+WARPGROUPS = 3  # per program: 3 x 64 rows (the warp_specialize list in _attn_fwd_sm90 spells out three)
 STAGES = 5  # K/V slots, 32 KiB each at D = 128 (H100 sweeps of 2-5: best or within 5% of it at every shape)
 MAX_REGS = 168  # per thread: 3 warpgroups x 128 threads x 168 = 64,512 of 65,536
 
