@@ -1,5 +1,5 @@
-"""Attention on the GPU: SDPA (bf16) vs wanrt's quantized attention (Triton; Gluon for fp8 on sm_90) vs SageAttention
-(Triton).
+"""Attention on the GPU: SDPA (bf16) vs wanrt's quantized attention (Triton; Gluon for the fp8 P·V modes on sm_90) vs
+SageAttention (Triton).
 
     python -m wanrt.bench.attention_bench --out bench/results/attention_h100 [--shapes 0,3] [--modes fp8,int8]
                                           [--sweep small|full|ahead|wg1|gluon|none]

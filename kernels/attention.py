@@ -123,15 +123,15 @@ class AttnConfig:
 # P tile favours 128 rows; int8 QK there gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3
 # stages). Shared memory per stage at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB.
 # Ada (99 KiB per block) and Ampere get narrower key blocks and fewer stages. The Gluon kernel (`attention_sm90`: three
-# such warpgroups in one program sharing 5 K/V slots) beats it for fp8 on every H100 self-attention shape (7.33-7.67
-# against 8.05 ms at 1.3B 480p, attention_h100.md) but not for int8_fp8pv; where it cannot run, `default_config` takes
-# TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
+# such warpgroups in one program sharing 5 K/V slots) beats it in both fp8 P·V modes on every H100 self-attention
+# shape (FIGURES); where it cannot run, `default_config` takes TRITON_FP8_PV_SM90. Pass `config=` to override (bench
+# sweeps).
 TRITON_FP8_PV_SM90 = AttnConfig(64, 128, 4, 2, tma=True)
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(64, 128, 4, 5, gluon=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
     ("sm90", "int8"): AttnConfig(128, 128, 8, 4, lookahead=True),
-    ("sm90", "int8_fp8pv"): TRITON_FP8_PV_SM90,
+    ("sm90", "int8_fp8pv"): AttnConfig(64, 128, 4, 5, gluon=True),
     ("sm89", "fp8"): AttnConfig(128, 64, 4, 2),
     ("sm89", "fp8_bf16pv"): AttnConfig(128, 64, 4, 2),
     ("sm89", "int8"): AttnConfig(128, 64, 4, 2),

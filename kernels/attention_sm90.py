@@ -1,6 +1,6 @@
 """Hopper (sm_90) attention kernel in Gluon for the fp8 P·V modes ('fp8', 'int8_fp8pv'): three warpgroups of 64 query
-rows share every K/V tile of one program. The 'fp8' table entry on sm_90 (`AttnConfig(..., gluon=True)`); on the H100
-it beats the Triton kernel at every self-attention shape (bench/results/attention_h100.md).
+rows share every K/V tile of one program. The table entry of both modes on sm_90 (`AttnConfig(..., gluon=True)`); on
+the H100 it beats the Triton kernel at every self-attention shape (bench/results/attention_h100.md).
 
 Same math, inputs and output as `_attn_fwd_kernel` in `wanrt.kernels.attention` (its docstring has the formulas, the
 layouts and the P·V key order); that Triton kernel stays the fallback and the one the CPU tests run under
@@ -14,10 +14,20 @@ warp): K/V tiles stream through a ring of STAGES shared-memory slots, each warpg
 read a slot, and the last warpgroup refills the slot once all three have. L2 traffic for K and V drops to a third and
 no warpgroup waits at a barrier for another, so one's softmax runs while another's dots do. Keeping a dot in flight
 across the softmax (FlashAttention-3's intra-warpgroup pipelining) needs more than 168 registers: ptxas then
-serializes every wgmma (measured: slower). Each key block's P·V starts from zero in the wgmma and is added to the
-accumulator in fp32, as in the Triton kernel: Hopper's fp8 wgmma keeps only ~14 bits of what it accumulates, and
-carrying the output through it across all key blocks gave relative errors of 0.15-0.42 against SDPA on the q, k,
-v of a 1.3B forward in a dit_bench run (0.003-0.012 with the sum in fp32: bench/results/dit_h100.md).
+serializes every wgmma (measured: slower).
+
+What each key block costs beyond its two dots is issue slots on the warpgroup's critical path, so two of them moved:
+- P's row sums come from the tensor core: the e4m3 P that enters P·V is also multiplied by a 128 x 8 tile of ones in
+  shared memory (a 64x8 wgmma beside P·V's, on the same registers). That replaces 64 FADDs per thread and block (the
+  loop runs 14% fewer instructions) and makes l the sum of exactly the rounded P that P·V weighs.
+- int8 scores need no conversion: the QK wgmma starts from the bits of 1.5 * 2^23 (INT8_SCORE_BASE_BITS) instead of
+  zero, and since a 128-channel int8 dot stays within +-2^21, each int32 sum read as fp32 is exactly 1.5 * 2^23 + dot.
+  The base is the same for every score of a block, so it only moves the row's shift (`_softmax_step`). That replaces
+  64 I2F per thread and block between the wgmma and the row max by 64 moves ahead of the wgmma.
+Each key block's P·V (and row sums) start from zero in the wgmma and are added in fp32 after the alpha rescale, as in
+the Triton kernel: Hopper's fp8 wgmma keeps only ~14 bits of what it accumulates, and carrying the output through it
+across all key blocks gave relative errors of 0.15-0.42 against SDPA on the q, k, v of a 1.3B forward in a dit_bench
+run (0.003-0.012 with the sum in fp32: bench/results/dit_h100.md).
 """
 from __future__ import annotations
 
@@ -27,7 +37,8 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
 except ImportError:  # no Triton, or one without Gluon: callers fall back to the Triton kernel
@@ -37,6 +48,9 @@ BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 4  # per warpgroup: 64 query rows, 128-ke
 WARPGROUPS = 3  # per program: 3 x 64 rows (the warp_specialize list in _attn_fwd_sm90 spells out three)
 STAGES = 5  # K/V slots, 32 KiB each at D = 128 (H100 sweeps of 2-5: best or within 5% of it at every shape)
 MAX_REGS = 168  # per thread: 3 warpgroups x 128 threads x 168 = 64,512 of 65,536
+ROWSUM_N = 8  # columns of the ones tile that gives P's row sums (the narrowest wgmma)
+INT8_SCORE_BASE_BITS = 0x4B400000  # int8 QK: the dot's wgmma starts from these bits (module docstring)
+INT8_SCORE_BASE = 12582912.0  # = 1.5 * 2^23, what they read as in fp32
 
 
 def available() -> bool:
@@ -46,6 +60,14 @@ def available() -> bool:
 if gluon is not None:
     _WARPGROUPS = gl.constexpr(WARPGROUPS)
     _MAX_REGS = gl.constexpr(MAX_REGS)
+    _ROWSUM_N = gl.constexpr(ROWSUM_N)
+    _INT8_SCORE_BASE_BITS = gl.constexpr(INT8_SCORE_BASE_BITS)
+    _INT8_SCORE_BASE = gl.constexpr(INT8_SCORE_BASE)
+
+    @gluon.constexpr_function
+    def _wgmma_layout(n):
+        """The accumulator layout of a 64 x n wgmma over the warpgroup's 4 warps."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 32])
 
     @gluon.jit
     def _p_operand(p, p_layout: gl.constexpr):
@@ -57,20 +79,40 @@ if gluon is not None:
         return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
 
     @gluon.jit
-    def _softmax_step(s, scale, m_i, l_i, keys_left, P_SHIFT: gl.constexpr, MASK: gl.constexpr):
-        """Online-softmax update for one key block of raw scores `s` (fp32 or int32): returns P = 2^(S - m' +
-        P_SHIFT) in fp32, the new row max m', row sum l' and the rescale factor alpha = 2^(m - m')."""
-        s = s.to(gl.float32)
+    def _softmax_step(s, scale, m_i, keys_left, P_SHIFT: gl.constexpr, MASK: gl.constexpr,
+                      S_BASE: gl.constexpr):
+        """Online-softmax update for one key block of fp32 scores `s` (S_BASE + the raw dot products): returns P =
+        2^(S - m' + P_SHIFT) in fp32, the new row max m' and the rescale factor alpha = 2^(m - m')."""
         if MASK:  # keys past Lk (zero padding) score -inf; the key index is built here, not held across the loop
             offs_n = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
             s = gl.where(offs_n[None, :] < keys_left, s * scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            p = gl.exp2(s - (m_new - P_SHIFT)[:, None])
+            m_blk = gl.max(s, 1)
         else:  # scale > 0: max(s * scale) = max(s) * scale, and the scale folds into one FMA per score
-            m_new = gl.maximum(m_i, gl.max(s, 1) * scale)
-            p = gl.exp2(s * scale - (m_new - P_SHIFT)[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+            m_blk = gl.max(s, 1) * scale
+        if S_BASE != 0.0:  # the base shifts every score of the block alike: it goes into the per-row shift
+            base = scale * S_BASE
+            m_new = gl.maximum(m_i, m_blk - base)
+            row_shift = m_new + (base - P_SHIFT)
+        else:
+            m_new = gl.maximum(m_i, m_blk)
+            row_shift = m_new - P_SHIFT
+        if MASK:
+            p = gl.exp2(s - row_shift[:, None])
+        else:
+            p = gl.exp2(s * scale - row_shift[:, None])
+        return p, m_new, gl.exp2(m_i - m_new)
+
+    @gluon.jit
+    def _scores(q_smem, k_tile, s_init):
+        """The raw dot products Q K^T of one key block in fp32, plus INT8_SCORE_BASE for int8 Q and K (s_init
+        holds its bits: module docstring); e4m3 dots start from zero (use_acc=False, s_init unread)."""
+        if s_init.dtype == gl.int32:
+            s = warpgroup_mma(q_smem, k_tile, s_init, use_acc=True, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,)).to(gl.float32, bitcast=True)
+        else:
+            s = warpgroup_mma(q_smem, k_tile, s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+        return s
 
     @gluon.jit
     def _key_block(i, n, HAS_TAIL: gl.constexpr):
@@ -93,27 +135,32 @@ if gluon is not None:
         tma_load(v_desc, [v_row, blk * v_desc.block_type.shape[1]], v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
-    def _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, zero_o, p_layout: gl.constexpr,
-              o_rows: gl.constexpr, SCALE_BLOCK: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
-              MASK: gl.constexpr, LOADER: gl.constexpr, HAS_TAIL: gl.constexpr):
-        """Step i of one warpgroup, on key block j = _key_block(i): S = Q K_j^T, the softmax step, acc = alpha acc +
-        P V_j (P V_j from zero in the wgmma, the sum in fp32). Then the warpgroup releases slot i % STAGES; the LOADER
-        (the last warpgroup) refills it with step i + STAGES's block once all three have."""
+    def _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, ones_smem, inits, SCALE_BLOCK: gl.constexpr,
+              P_SHIFT: gl.constexpr, STAGES: gl.constexpr, MASK: gl.constexpr, LOADER: gl.constexpr,
+              HAS_TAIL: gl.constexpr):
+        """Step i of one warpgroup, on key block j = _key_block(i): S = Q K_j^T, the softmax step, then P V_j and P's
+        row sums (P times a tile of ones) from zero in the wgmma, added to acc and l in fp32 after the alpha rescale.
+        Then the warpgroup releases slot i % STAGES; the LOADER (the last warpgroup) refills it with step i + STAGES's
+        block once all three have. `inits` are the wgmmas' starting accumulators (S, P V, row sums)."""
         k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_row, v_row = kv
+        s_init, zero_o, zero_l = inits
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        S_BASE: gl.constexpr = _INT8_SCORE_BASE if s_init.dtype == gl.int32 else 0.0
         j = _key_block(i, n, HAS_TAIL)
         st = i % STAGES
         phase = (i // STAGES) & 1
         mbarrier.wait(k_ready.index(st), phase)
-        s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        p, m_i, l_i, alpha = _softmax_step(s, qs * gl.load(KS + (j * BLOCK_N) // SCALE_BLOCK), m_i, l_i,
-                                           Lk - j * BLOCK_N, P_SHIFT, MASK)
-        p8 = _p_operand(p, p_layout)
+        s = _scores(q_smem, k_smem.index(st).permute((1, 0)), s_init)
+        p, m_i, alpha = _softmax_step(s, qs * gl.load(KS + (j * BLOCK_N) // SCALE_BLOCK), m_i, Lk - j * BLOCK_N,
+                                      P_SHIFT, MASK, S_BASE)
+        p8 = _p_operand(p, gl.DotOperandLayout(operand_index=0, parent=zero_o.type.layout, k_width=4))
         mbarrier.wait(v_ready.index(st), phase)
         pv = warpgroup_mma(p8, v_smem.index(st).permute((1, 0)), zero_o, use_acc=False, is_async=True)
-        pv = warpgroup_mma_wait(0, deps=(pv,))
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None] + pv
+        p8 = gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=zero_l.type.layout, k_width=4))
+        ps = warpgroup_mma(p8, ones_smem.permute((1, 0)), zero_l, use_acc=False, is_async=True)  # same registers
+        pv, ps = warpgroup_mma_wait(0, deps=(pv, ps))
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, zero_o.type.layout))[:, None] + pv
+        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, zero_l.type.layout))[:, None] + ps
         mbarrier.arrive(kv_empty.index(st), count=1)
         if LOADER:
             if i + STAGES < n:
@@ -122,20 +169,18 @@ if gluon is not None:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _warpgroup(WG: gl.constexpr, q_desc, q_smem, q_bar, kv, kv_empty, QS, KS, VS, Out, row0, b, h, bh, Lq, Lk,
-                   Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK: gl.constexpr,
+    def _warpgroup(WG: gl.constexpr, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0, b, h,
+                   bh, Lq, Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK: gl.constexpr,
                    P_SHIFT: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
         """Query rows row0 .. row0 + 63 of head (b, h) against every key block; warpgroup WG of the program."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kv[0].block_type.shape[0]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, 32])  # scores
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, D, 32])  # output accumulator
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        ROWSUM_N: gl.constexpr = ones_smem.shape[0]
+        s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
+        o_layout: gl.constexpr = _wgmma_layout(D)
+        l_layout: gl.constexpr = _wgmma_layout(ROWSUM_N)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        s_dtype: gl.constexpr = gl.int32 if q_desc.dtype == gl.int8 else gl.float32
         LOADER: gl.constexpr = WG == _WARPGROUPS - 1
         q_smem = q_smem.index(WG)
         q_bar = q_bar.index(WG)
@@ -150,24 +195,29 @@ if gluon is not None:
         nblk = Lq_pad // SCALE_BLOCK
         qs = gl.load(QS + bh * nblk + gl.minimum(row0 // SCALE_BLOCK, nblk - 1))
         KS = KS + bh * (Lk_pad // SCALE_BLOCK)
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], s_dtype, layout)  # use_acc=False: the wgmmas read zero, not these
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, layout))
+        if q_desc.dtype == gl.int8:
+            s_init = gl.full([BLOCK_M, BLOCK_N], _INT8_SCORE_BASE_BITS, gl.int32, s_layout)
+        else:  # unread (use_acc=False)
+            s_init = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        inits = (s_init, gl.zeros([BLOCK_M, D], gl.float32, o_layout),  # (zeros: ptxas gives RZ)
+                 gl.zeros([BLOCK_M, ROWSUM_N], gl.float32, l_layout))
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M, ROWSUM_N], gl.float32, l_layout)  # every column holds the row sum
         acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-        zero_o = gl.zeros([BLOCK_M, D], gl.float32, o_layout)  # (registers: ptxas gives RZ)
 
         mbarrier.wait(q_bar, 0)
         if HAS_TAIL:
-            acc, m_i, l_i = _step(0, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, zero_o, p_layout,
-                                  o_rows, SCALE_BLOCK, P_SHIFT, STAGES, True, LOADER, HAS_TAIL)
+            acc, m_i, l_i = _step(0, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, ones_smem, inits,
+                                  SCALE_BLOCK, P_SHIFT, STAGES, True, LOADER, HAS_TAIL)
         START: gl.constexpr = 1 if HAS_TAIL else 0
         for i in range(START, n):
-            acc, m_i, l_i = _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, zero_s, zero_o, p_layout,
-                                  o_rows, SCALE_BLOCK, P_SHIFT, STAGES, False, LOADER, HAS_TAIL)
+            acc, m_i, l_i = _step(i, n, Lk, acc, m_i, l_i, qs, KS, q_smem, kv, kv_empty, ones_smem, inits,
+                                  SCALE_BLOCK, P_SHIFT, STAGES, False, LOADER, HAS_TAIL)
 
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         offs_m = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
-        acc = acc * gl.convert_layout(1.0 / l_i, o_rows)[:, None] * gl.load(VS + bh * D + offs_d)[None, :]
+        inv_l = gl.convert_layout(1.0 / gl.max(l_i, 1), o_rows)
+        acc = acc * inv_l[:, None] * gl.load(VS + bh * D + offs_d)[None, :]
         o_ptrs = Out + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
         gl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
@@ -199,16 +249,26 @@ if gluon is not None:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=_WARPGROUPS)  # released by every warpgroup
 
+        # e4m3 ones written as their bits (0x38): with Triton 3.6 an fp32 1.0 splat cast to e4m3 filled only two of
+        # each register's four bytes (the row sums came out about half)
+        ones = gl.full([_ROWSUM_N, BLOCK_N], 0x38, gl.int8, gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0]))
+        ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [_ROWSUM_N, BLOCK_N],
+                                              gl.NVMMASharedLayout.get_default_for([_ROWSUM_N, BLOCK_N],
+                                                                                  gl.float8e4nv),
+                                              ones.to(gl.float8e4nv, bitcast=True))
+        fence_async_shared()  # the wgmmas read it through the async proxy
         kv = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, bh * Lk_pad, bh * D)
         row0 = pid_m * _WARPGROUPS * BLOCK_M
         gl.warp_specialize([
-            (_warpgroup, (0, q_desc, q_smem, q_bar, kv, kv_empty, QS, KS, VS, Out, row0, b, h, bh, Lq, Lk, Lq_pad,
-                          Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES, HAS_TAIL)),
-            (_warpgroup, (1, q_desc, q_smem, q_bar, kv, kv_empty, QS, KS, VS, Out, row0 + BLOCK_M, b, h, bh, Lq, Lk,
-                          Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES, HAS_TAIL)),
-            (_warpgroup, (2, q_desc, q_smem, q_bar, kv, kv_empty, QS, KS, VS, Out, row0 + 2 * BLOCK_M, b, h, bh, Lq,
+            (_warpgroup, (0, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0, b, h, bh, Lq,
                           Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES,
                           HAS_TAIL)),
+            (_warpgroup, (1, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0 + BLOCK_M, b, h,
+                          bh, Lq, Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES,
+                          HAS_TAIL)),
+            (_warpgroup, (2, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0 + 2 * BLOCK_M, b,
+                          h, bh, Lq, Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT,
+                          STAGES, HAS_TAIL)),
         ], [4, 4], [_MAX_REGS, _MAX_REGS])
 
 

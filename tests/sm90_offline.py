@@ -20,6 +20,23 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
+def local_memory_in_loops(sass: str) -> int:
+    """Spill traffic (LDL/STL) inside the key-block loops of `sass`: the innermost spans from a label to a backward
+    branch to it that hold wgmmas (GMMA) and no EXIT (which leaves out the retry blocks that ptxas places after the
+    exit and that branch back into a loop). A spill there costs on every key block, elsewhere once per program."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\w+):$", line.strip()))}
+    spans = set()
+    for end, line in enumerate(lines):
+        m = re.search(r"\bBRA (\w+);", line)
+        start = labels.get(m.group(1), end) if m else end
+        body = lines[start:end]
+        if any("GMMA" in line for line in body) and not any("EXIT" in line for line in body):
+            spans.add((start, end))
+    loops = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return sum(re.search(r"\b(LDL|STL)\b", line) is not None for a, b in loops for line in lines[a:b])
+
+
 def run_compiled(code: str) -> None:
     """Run `code` in a child process with the interpreter off (TRITON_INTERPRET=1 replaces every jit function), from
     the tests folder; fail with its stderr."""

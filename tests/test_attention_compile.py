@@ -1,6 +1,6 @@
 """The Triton attention kernel (kernels/attention.py) compiled for sm_90 without a GPU, with its Hopper config for the
-fp8 P·V modes (`TRITON_FP8_PV_SM90`: TMA loads, 64 query rows per program; the int8_fp8pv table entry, and fp8's where
-the Gluon kernel cannot run). Two properties its H100 speed rests on, read from the SASS and the cubin's resource usage
+fp8 P·V modes (`TRITON_FP8_PV_SM90`: TMA loads, 64 query rows per program; their table entry where the Gluon kernel
+cannot run). Two properties its H100 speed rests on, read from the SASS and the cubin's resource usage
 (Triton's own ptxas and cuobjdump):
 - P reaches the P·V dot without a shuffle across lanes (no SHFL.IDX): the P·V key order of the quantized V makes the
   QK accumulator's registers the A operand as they are (`pv_key_order`). Without it each key block costs 16 SHFL.IDX.
