@@ -1,6 +1,7 @@
 """Hopper (sm_90) attention kernel in Gluon for the fp8 P·V modes ('fp8', 'int8_fp8pv'): three warpgroups of 64 query
 rows share every K/V tile of one program. The table entry of both modes on sm_90 (`AttnConfig(..., gluon=True)`); on
-the H100 it beats the Triton kernel at every self-attention shape (bench/results/attention_h100.md).
+the H100 it beats the Triton kernel at the self-attention shapes (bench/results/attention_h100.md; the CONFIGS comment
+in `wanrt.kernels.attention` has the figures).
 
 Same math, inputs and output as `_attn_fwd_kernel` in `wanrt.kernels.attention` (its docstring has the formulas, the
 layouts and the P·V key order); that Triton kernel stays the fallback and the one the CPU tests run under
@@ -27,7 +28,7 @@ What each key block costs beyond its two dots is issue slots on the warpgroup's 
 Each key block's P·V (and row sums) start from zero in the wgmma and are added in fp32 after the alpha rescale, as in
 the Triton kernel: Hopper's fp8 wgmma keeps only ~14 bits of what it accumulates, and carrying the output through it
 across all key blocks gave relative errors of 0.15-0.42 against SDPA on the q, k, v of a 1.3B forward in a dit_bench
-run (0.003-0.012 with the sum in fp32: bench/results/dit_h100.md).
+run (0.002-0.013 with the sum in fp32: bench/results/dit_h100.md).
 """
 from __future__ import annotations
 
