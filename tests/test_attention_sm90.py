@@ -1,12 +1,12 @@
 """The Gluon attention kernel (kernels/attention_sm90.py). Gluon does not run under TRITON_INTERPRET=1, so on the CPU
 this compiles the kernel for sm_90 (the PTX and the cubin, with Triton's own ptxas and cuobjdump), which catches API
-drift and compile errors and checks what its speed rests on: three warpgroups at 168 registers (without spilling on
-the GPU image's Triton 3.6), wgmmas grouped four to a dot (ptxas serializes every one when registers run short), no
-shuffle of P across lanes and no conversion of int8 scores. On an sm_90 GPU it runs against `attention_quantized_ref` on fresh random inputs, with
-query and key tails and 1 to 6 key blocks so that the masked block, the loop, programs whose later warpgroups hold no
-valid rows and the K/V slot refills all run. Bounds as in test_kernels_attention.py: the kernel differs from the
-reference by the rounding of P to e4m3 (< 0.045) and from SDPA by the quantization as a whole (< 0.08 fp8, < 0.06
-int8_fp8pv)."""
+drift and compile errors and checks what its speed rests on: three warpgroups at 168 registers (without spilling on the
+GPU image's Triton 3.6, and never inside the key-block loop), wgmmas grouped four to a dot (ptxas serializes every one
+when registers run short), no shuffle of P across lanes and no conversion of int8 scores. On an sm_90 GPU it runs
+against `attention_quantized_ref` on fresh random inputs, with query and key tails and 1 to 6 key blocks so that the
+masked block, the loop, programs whose later warpgroups hold no valid rows and the K/V slot refills all run. Bounds as
+in test_kernels_attention.py: the kernel differs from the reference by the rounding of P to e4m3 (< 0.045) and from SDPA
+by the quantization as a whole (< 0.08 fp8, < 0.06 int8_fp8pv)."""
 import os
 
 import pytest
