@@ -129,10 +129,10 @@ class AttnConfig:
 # runs). Where it cannot run, `default_config` takes TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
 TRITON_FP8_PV_SM90 = AttnConfig(64, 128, 4, 2, tma=True)
 CONFIGS = {
-    ("sm90", "fp8"): AttnConfig(64, 128, 4, 5, gluon=True),
+    ("sm90", "fp8"): AttnConfig(64, 128, 4, attention_sm90.STAGES, gluon=True),
     ("sm90", "fp8_bf16pv"): AttnConfig(128, 128, 8, 3),
     ("sm90", "int8"): AttnConfig(128, 128, 8, 4, lookahead=True),
-    ("sm90", "int8_fp8pv"): AttnConfig(64, 128, 4, 5, gluon=True),
+    ("sm90", "int8_fp8pv"): AttnConfig(64, 128, 4, attention_sm90.STAGES, gluon=True),
     ("sm89", "fp8"): AttnConfig(128, 64, 4, 2),
     ("sm89", "fp8_bf16pv"): AttnConfig(128, 64, 4, 2),
     ("sm89", "int8"): AttnConfig(128, 64, 4, 2),

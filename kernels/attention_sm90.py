@@ -47,7 +47,8 @@ except ImportError:  # no Triton, or one without Gluon: callers fall back to the
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 4  # per warpgroup: 64 query rows, 128-key blocks, 4 warps
 WARPGROUPS = 3  # per program: 3 x 64 rows (the warp_specialize list in _attn_fwd_sm90 spells out three)
-STAGES = 5  # K/V slots, 32 KiB each at D = 128 (H100 sweeps of 2-5: best or within 5% of it at every shape)
+STAGES = 4  # K/V slots, 32 KiB each at D = 128 (H100 sweeps of 2-5 put 4 and 5 within run-to-run noise; a power of two
+# keeps the slot and phase of a step to a mask and a shift)
 MAX_REGS = 168  # per thread: 3 warpgroups x 128 threads x 168 = 64,512 of 65,536
 ROWSUM_N = 8  # columns of the ones tile that gives P's row sums (the narrowest wgmma)
 INT8_SCORE_BASE_BITS = 0x4B400000  # int8 QK: the dot's wgmma starts from these bits (module docstring)
@@ -119,10 +120,15 @@ if gluon is not None:
     def _key_block(i, n, HAS_TAIL: gl.constexpr):
         """The key block a warpgroup takes at step i: the partial last block first (its masked step then runs
         before the accumulator is live; after the loop it left ptxas too few registers and every wgmma serialized),
-        then the full blocks in order."""
+        then the full blocks in order. (Written without `%`: a remainder by the runtime n cost ~25 instructions a
+        step.)"""
+        j = i
         if HAS_TAIL:
-            return (i + n - 1) % n
-        return i
+            if i == 0:
+                j = n - 1
+            else:
+                j = i - 1
+        return j
 
     @gluon.jit
     def _load_kv(kv, i, n, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
