@@ -123,10 +123,9 @@ class AttnConfig:
 # P tile favours 128 rows; int8 QK there gains from `lookahead` (11.47 against 12.34 ms at 4 and 3 stages; 11.64 at 3
 # stages). Shared memory per stage at D=128 is 32 KiB (fp8 K + V) or 48 KiB (fp8 K + bf16 V), within sm_90's 227 KiB.
 # Ada (99 KiB per block) and Ampere get narrower key blocks and fewer stages. The Gluon kernel (`attention_sm90`: three
-# such warpgroups in one program sharing 5 K/V slots) beats it in both fp8 P·V modes at 1.3B 480p (fp8 7.20 against
-# 7.92 ms, int8_fp8pv 7.75 against 7.89 ms) and at 14B, and at 720p with its best slot count (in that run 5 slots ran
-# int8_fp8pv at 43.3 ms against 41.5 for Triton and 40.4 with 4 slots: attention_h100.md; the best count moves between
-# runs). Where it cannot run, `default_config` takes TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
+# such warpgroups in one program sharing 4 K/V slots) beats it in both fp8 P·V modes at every H100 self-attention shape
+# (1.3B 480p: fp8 7.01 against 7.72 ms, int8_fp8pv 7.11 against 7.94 ms; 14B and 720p 10-14% faster: attention_h100.md).
+# Where it cannot run, `default_config` takes TRITON_FP8_PV_SM90. Pass `config=` to override (bench sweeps).
 TRITON_FP8_PV_SM90 = AttnConfig(64, 128, 4, 2, tma=True)
 CONFIGS = {
     ("sm90", "fp8"): AttnConfig(64, 128, 4, attention_sm90.STAGES, gluon=True),
