@@ -147,8 +147,7 @@ def default_config(mode: str, head_dim: int, cap: tuple[int, int] | None = HOPPE
     tokens, no Gluon, the interpreter), its entry gives way to the Triton kernel."""
     arch = "sm90" if cap is None or cap >= HOPPER else "sm89" if cap >= ADA else "sm80"
     cfg = CONFIGS.get((arch, mode)) or CONFIGS["sm89", mode]  # fp8 modes never launch below sm_89
-    if cfg.gluon and not (cap == HOPPER and head_dim == 128 and block % attention_sm90.BLOCK_N == 0
-                          and attention_sm90.available() and not _interpreting()):
+    if cfg.gluon and not (cap == HOPPER and attention_sm90.supports(head_dim, block) and not _interpreting()):
         cfg = TRITON_FP8_PV_SM90
     if head_dim > 128:
         cfg = AttnConfig(cfg.block_m, 64, cfg.num_warps, 2, cfg.tma)
@@ -574,7 +573,7 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
         raise ValueError(f"out must be a [B, Lq, H*D] = {(B, qk.lq, H * D)} tensor with rows of H*D contiguous "
                          f"values, got {tuple(out.shape)} with strides {out.stride()}")
     if config.gluon:
-        if not pv_fp8 or D != 128 or qk.block % attention_sm90.BLOCK_N or not attention_sm90.available():
+        if not pv_fp8 or not attention_sm90.supports(D, qk.block):
             raise ValueError("the gluon kernel needs fp8 P·V, head_dim 128, scale blocks of a multiple of 128 tokens "
                              "and a Triton with Gluon")
         return attention_sm90.attention_kernel_sm90(qk, v, out, P_LOG2_FP8, config.num_stages)

@@ -59,6 +59,11 @@ def available() -> bool:
     return gluon is not None
 
 
+def supports(head_dim: int, block: int) -> bool:
+    """Whether this kernel runs Q/K scale blocks of `block` tokens at `head_dim` (and Gluon is there)."""
+    return available() and head_dim == 128 and block % BLOCK_N == 0
+
+
 if gluon is not None:
     _WARPGROUPS = gl.constexpr(WARPGROUPS)
     _MAX_REGS = gl.constexpr(MAX_REGS)
