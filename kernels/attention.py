@@ -10,14 +10,18 @@ Math, per batch b and head h (queries i, keys j, D = head_dim, c = log2(e) / sqr
 - Smoothing: k_j -> k_j - mean_j(k_j) (mean over all tokens, per head and channel) shifts S_ij by c q_i · mean, a
   constant per query that softmax ignores. Real keys carry a large per-channel offset; removing it gives the
   quantizer the whole range for what varies between tokens.
-- Quantization of Q and K: blocks of `block` tokens (default 128) per head, one fp32 scale per block,
-      q_hat = round(c q / s_q),            s_q = amax |c q| / QMAX
-      k_hat = round((k - mean) / s_k),     s_k = amax |k - mean| / QMAX,     QMAX = 448 (e4m3) or 127 (int8)
-  so that S = (q_hat · k_hat^T) s_q s_k in base 2 (the kernel uses exp2; c is folded into q's scale).
+- Quantization of Q and K: Q per token and head, K per block of `block` tokens (default 128) per head, one fp32
+  scale each,
+      q_hat = round(c q / s_q),            s_q = amax_channels |c q| / QMAX
+      k_hat = round((k - mean) / s_k),     s_k = amax_block |k - mean| / QMAX,     QMAX = 448 (e4m3) or 127 (int8)
+  rounded half to even, so that S = (q_hat · k_hat^T) s_q s_k in base 2 (the kernel uses exp2; c is folded into q's
+  scale). Per-token Q scales let Q's producer quantize it (`qk_norm_rope(..., for_attention=True)` holds one
+  token's row, not a block of them), which saves the attention a pass over Q; they are also finer. K needs its mean
+  over all tokens first, so it is quantized here.
 - Kernel: online softmax over key blocks of BLOCK_N with fp32 row max m, row sum l and accumulator acc:
       S = dot(q_hat, k_hat^T) * s_q * s_k;  m' = max(m, rowmax S);  P = 2^(S - m');  alpha = 2^(m - m')
       l = alpha l + rowsum P;  acc = alpha acc + P·V;  finally out = acc / l.
-  Keys past Lk in the last block get S = -inf; query rows past Lq are computed on zero padding and not stored.
+  Keys past Lk in the last block get S = -inf; query rows past Lq get scale 0 and are not stored.
   With `lookahead`, block j+1's QK dot is issued before block j's softmax (the scores are carried one iteration).
 - P·V, by mode:
       'fp8'         V in e4m3 with one scale per head and channel (s_v = amax over tokens |v| / 448). P is computed as
@@ -31,9 +35,11 @@ Math, per batch b and head h (queries i, keys j, D = head_dim, c = log2(e) / sqr
                     same rate on sm_89/sm_90, and on Gaussian inputs int8 QK errs about 3x less than e4m3 QK (its 7
                     bits beat e4m3's 3 mantissa bits once the block's scale is set).
 
-Layouts (padding to whole scale blocks lets every Q, K and fp8 V tile load run unmasked):
-- quantized q, k: [B, H, L_pad, D] contiguous, L_pad = ceil(L / block) * block, padded rows are zero; scales
-  [B, H, L_pad / block] fp32.
+Layouts (padding to whole scale blocks lets every K and fp8 V tile load run unmasked):
+- quantized q: [B, Lq, H, D] contiguous (as q itself: its producer writes each token's row whole), scales [B, Lq, H]
+  fp32. The kernels load a head's Q tile as rows of stride H*D; rows past Lq are not stored.
+- quantized k: [B, H, Lk_pad, D] contiguous, Lk_pad = ceil(Lk / block) * block, padded rows are zero; scales
+  [B, H, Lk_pad / block] fp32.
 - quantized v ('fp8', 'int8_fp8pv'): [B, H, D, Lk_pad] contiguous (V^T: tokens contiguous, as Hopper's fp8 wgmma
   wants its B operand K-major), padded columns zero; scales [B, H, D] fp32. Within each 16 tokens the columns are in
   the P·V key order (`pv_key_order`), not token order.
@@ -60,6 +66,7 @@ import torch.nn.functional as F
 
 from wanrt.kernels import attention_sm90
 from wanrt.kernels.dispatch import ADA, AMPERE, HOPPER, capability, has_triton
+from wanrt.kernels.norm_modulate import AMAX_FLOOR, QMAX, format_args, quantize_rows_reference
 
 try:
     import triton
@@ -73,11 +80,12 @@ QK_DTYPE = {"fp8": torch.float8_e4m3fn, "fp8_bf16pv": torch.float8_e4m3fn, "int8
             "int8_fp8pv": torch.int8}
 FP8_PV_MODES = ("fp8", "int8_fp8pv")
 HEAD_DIMS = (32, 64, 128, 256)  # powers of two (tl.arange) and multiples of 32 (K of an fp8/int8 dot)
-FP8_MAX, INT8_MAX = 448.0, 127.0
+FP8_MAX = QMAX[torch.float8_e4m3fn]
 LOG2E = 1.4426950408889634
 P_LOG2_FP8 = 8.0  # 'fp8': P = 2^(S - m + 8) <= 256 < 448; exact powers of two keep the cast from overflowing
 SCALE_BLOCK = 128  # tokens per Q/K scale
 PV_GROUP = 16  # tokens per group of the P·V key order
+Q_ROWS = 64  # tokens per program of `quantize_q` (Q's scales are per token: any block works)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,13 +178,18 @@ def check_mode(mode: str, cap: tuple[int, int] | None) -> None:
 # Quantization
 
 
+class QuantizedQ(NamedTuple):
+    """Q as the kernels read it: c·q (softmax scale and log2(e) folded in) quantized per token and head."""
+    q: torch.Tensor      # [B, Lq, H, D] fp8 e4m3 or int8, contiguous
+    scale: torch.Tensor  # [B, Lq, H] fp32
+
+
 class QuantizedQK(NamedTuple):
-    """Padded, per-block quantized Q (softmax scale and log2(e) folded in) and smoothed K (layouts: module
-    docstring)."""
-    q: torch.Tensor        # [B, H, Lq_pad, D] fp8 e4m3 or int8
-    q_scale: torch.Tensor  # [B, H, Lq_pad / block] fp32
+    """Quantized Q and smoothed K, K padded to whole scale blocks (layouts: module docstring)."""
+    q: torch.Tensor        # [B, Lq, H, D] fp8 e4m3 or int8
+    q_scale: torch.Tensor  # [B, Lq, H] fp32, per token and head
     k: torch.Tensor        # [B, H, Lk_pad, D]
-    k_scale: torch.Tensor  # [B, H, Lk_pad / block] fp32
+    k_scale: torch.Tensor  # [B, H, Lk_pad / block] fp32, per block
     lq: int
     lk: int
     block: int
@@ -188,16 +201,18 @@ class QuantizedV(NamedTuple):
     lk: int
 
 
-def _qmax(dtype: torch.dtype) -> float:
-    if dtype == torch.float8_e4m3fn:
-        return FP8_MAX
-    if dtype == torch.int8:
-        return INT8_MAX
-    raise ValueError(f"quantized dtype must be torch.float8_e4m3fn or torch.int8, got {dtype}")
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in QMAX:
+        raise ValueError(f"quantized dtype must be torch.float8_e4m3fn or torch.int8, got {dtype}")
 
 
 def _padded(n: int, block: int) -> int:
     return -(-n // block) * block
+
+
+def query_multiplier(head_dim: int) -> float:
+    """c = log2(e) / sqrt(D): the softmax scale in base 2, folded into quantized Q."""
+    return LOG2E / math.sqrt(head_dim)
 
 
 def _key_mean(k: torch.Tensor) -> torch.Tensor:
@@ -210,29 +225,30 @@ def _value_max(v: torch.Tensor) -> torch.Tensor:
     return torch.maximum(v.amax(dim=1), -v.amin(dim=1)).float().clamp_min(1e-20).contiguous()
 
 
-def _quantize_blocks_ref(x: torch.Tensor, mult: float, mean: torch.Tensor | None, dtype: torch.dtype,
-                         block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, L, H, D = x.shape
-    qmax = _qmax(dtype)
-    x = x.float()
-    if mean is not None:
-        x = x - mean[:, None]
-    x = (x * mult).transpose(1, 2)  # [B, H, L, D]
-    x = F.pad(x, (0, 0, 0, _padded(L, block) - L)).unflatten(2, (-1, block))  # [B, H, nblk, block, D]
-    amax = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
-    x = (x * (amax.new_tensor(qmax) / amax)).clamp(-qmax, qmax)  # not `qmax / amax`: torch takes 1/amax first
-    if dtype == torch.int8:
-        x = torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
-    return x.to(dtype).flatten(2, 3).contiguous(), (amax / qmax).flatten(2).contiguous()
+def quantize_q_ref(q: torch.Tensor, dtype: torch.dtype) -> QuantizedQ:
+    """PyTorch twin of `quantize_q` (and of `qk_norm_rope(..., for_attention=True)` on its fp32 result): q
+    [B, L, H, D] -> c·q per token and head, `quantize_rows_reference`'s arithmetic."""
+    _check_dtype(dtype)
+    return QuantizedQ(*quantize_rows_reference(q.float() * query_multiplier(q.shape[-1]), dtype))
+
+
+def quantize_k_ref(k: torch.Tensor, dtype: torch.dtype, block: int = SCALE_BLOCK,
+                   smooth: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch twin of `quantize_k`: k [B, L, H, D] -> (k - mean per head and channel) [B, H, L_pad, D] with one scale
+    per block of `block` tokens [B, H, L_pad / block] (`quantize_rows_reference` over each block)."""
+    _check_dtype(dtype)
+    B, L, H, D = k.shape
+    x = k.float() - _key_mean(k)[:, None] if smooth else k.float()
+    x = F.pad(x.transpose(1, 2), (0, 0, 0, _padded(L, block) - L))
+    kq, scale = quantize_rows_reference(x.reshape(B, H, -1, block * D), dtype)  # F.pad may return x itself
+    return kq.view(B, H, -1, D), scale.contiguous()
 
 
 def quantize_qk_ref(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, block: int = SCALE_BLOCK,
                     smooth_k: bool = True) -> QuantizedQK:
-    """PyTorch twin of `quantize_qk` (same layouts, same arithmetic; int8 rounds half away from zero)."""
-    D = q.shape[-1]
-    qq, qs = _quantize_blocks_ref(q, LOG2E / math.sqrt(D), None, dtype, block)
-    kq, ks = _quantize_blocks_ref(k, 1.0, _key_mean(k) if smooth_k else None, dtype, block)
-    return QuantizedQK(qq, qs, kq, ks, q.shape[1], k.shape[1], block)
+    """PyTorch twin of `quantize_qk` (same layouts, same arithmetic)."""
+    return QuantizedQK(*quantize_q_ref(q, dtype), *quantize_k_ref(k, dtype, block, smooth_k), q.shape[1], k.shape[1],
+                       block)
 
 
 def pv_key_order(n: int, device=None) -> torch.Tensor:
@@ -263,9 +279,9 @@ def dequantize_v(qv: QuantizedV) -> torch.Tensor:
 
 def dequantize_qk(qk: QuantizedQK) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [B, H, L, D] of c·q and (k - mean) as the kernel sees them (padding cut)."""
-    def one(x, s, n):
-        return (x.float().unflatten(2, (-1, qk.block)) * s[..., None, None]).flatten(2, 3)[:, :, :n]
-    return one(qk.q, qk.q_scale, qk.lq), one(qk.k, qk.k_scale, qk.lk)
+    q = (qk.q.float() * qk.q_scale[..., None]).transpose(1, 2)
+    k = (qk.k.float().unflatten(2, (-1, qk.block)) * qk.k_scale[..., None, None]).flatten(2, 3)[:, :, :qk.lk]
+    return q, k
 
 
 def attention_quantized_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, block: int = SCALE_BLOCK,
@@ -307,32 +323,44 @@ if triton is not None:
                 x = _round_mantissa(x, 7, -126)
         return x.to(dtype)
 
+    from wanrt.kernels.norm_modulate import _quantize, _round_to_format, _token_scale
+
     @triton.jit
-    def _quantize_rows_kernel(X, Mean, Out, Scale, L, L_pad, H, stride_xb, stride_xl, stride_xh, MULT: tl.constexpr,
-                              D: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr, QMAX: tl.constexpr,
-                              INT8: tl.constexpr, INTERPRET: tl.constexpr):
-        """One block of BLOCK tokens of one head: X [B, L, H, D] (any float) -> Out [B, H, L_pad, D], Scale [B, H,
-        L_pad / BLOCK]; SMOOTH subtracts Mean [B, H, D] first, MULT multiplies after (q: log2(e)/sqrt(D))."""
+    def _quantize_rows_kernel(X, Mean, Out, Scale, L, H, stride_xb, stride_xl, stride_xh, stride_ob, stride_ol,
+                              stride_oh, MULT: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                              SMOOTH: tl.constexpr, PER_TOKEN: tl.constexpr, QMAX: tl.constexpr,
+                              AMAX_FLOOR: tl.constexpr, DROP_BITS: tl.constexpr, FIXED_BELOW: tl.constexpr,
+                              FIXED_MAGIC: tl.constexpr):
+        """One block of BLOCK tokens of one head: X [B, L, H, D] (any float) -> Out (strides given), quantized
+        with a scale per token (PER_TOKEN, q: Out [B, L, H, D], Scale [B, L, H], rows past L not written) or per
+        block (k: Out [B, H, L_pad, D] with zero padding, Scale [B, H, L_pad / BLOCK]); SMOOTH subtracts Mean
+        [B, H, D] first, MULT multiplies after (q: log2(e)/sqrt(D)). Arithmetic of `quantize_rows_reference`."""
         blk = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         bh = b * H + h
         offs_l = blk * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
-        valid = offs_l[:, None] < L
-        x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :], mask=valid,
-                    other=0.0).to(tl.float32)
+        valid = offs_l < L
+        x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :],
+                    mask=valid[:, None], other=0.0).to(tl.float32)
         if SMOOTH:  # a constexpr, so the `if` is compiled out for Q
-            x = tl.where(valid, x - tl.load(Mean + bh * D + offs_d)[None, :], 0.0)
+            x = tl.where(valid[:, None], x - tl.load(Mean + bh * D + offs_d)[None, :], 0.0)
         x = x * MULT
-        amax = tl.maximum(tl.max(tl.abs(x)), 1e-20)
-        x = tl.minimum(tl.maximum(x * (QMAX / amax), -QMAX), QMAX)
-        if INT8:
-            xq = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # round half away from zero (fptosi truncates)
+        if PER_TOKEN:
+            scale = _token_scale(tl.max(tl.abs(x), 1), QMAX, AMAX_FLOOR)
+            tl.store(Scale + (b * L + offs_l) * H + h, scale, mask=valid)
+            x = _quantize(x, scale[:, None], QMAX)
         else:
-            xq = _cast(x, tl.float8e4nv, INTERPRET)
-        tl.store(Out + (bh * L_pad + offs_l)[:, None] * D + offs_d[None, :], xq)
-        tl.store(Scale + bh * (L_pad // BLOCK) + blk, amax / QMAX)
+            scale = _token_scale(tl.max(tl.abs(x)), QMAX, AMAX_FLOOR)
+            tl.store(Scale + bh * tl.num_programs(0) + blk, scale)
+            x = _quantize(x, scale, QMAX)
+        x = _round_to_format(x, DROP_BITS, FIXED_BELOW, FIXED_MAGIC)  # so the cast is exact (interpreter included)
+        out = Out + b * stride_ob + h * stride_oh + offs_l[:, None] * stride_ol + offs_d[None, :]
+        if PER_TOKEN:
+            tl.store(out, x.to(Out.dtype.element_ty), mask=valid[:, None])
+        else:  # the zero padding too
+            tl.store(out, x.to(Out.dtype.element_ty))
 
     @triton.jit
     def _quantize_v_kernel(V, Vmax, Out, L, L_pad, H, stride_vb, stride_vl, stride_vh, D: tl.constexpr,
@@ -376,15 +404,15 @@ if triton is not None:
                      INTERPRET: tl.constexpr):
         """The online-softmax step of key block [start_n, start_n + BLOCK_N) given its raw scores `qk`; MASK: keys
         past Lk score -inf."""
-        s = qs * tl.load(KS + start_n // SCALE_BLOCK)
+        s = qs * tl.load(KS + start_n // SCALE_BLOCK)  # [BLOCK_M]: Q's scales are per token
         qk = qk.to(tl.float32)
         if MASK:
-            qk = tl.where((start_n + offs_n)[None, :] < Lk, qk * s, float("-inf"))
+            qk = tl.where((start_n + offs_n)[None, :] < Lk, qk * s[:, None], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - (m_new - P_SHIFT)[:, None])
         else:  # s > 0, so max(qk * s) = max(qk) * s and the scale folds into one FMA per score
             m_new = tl.maximum(m_i, tl.max(qk, 1) * s)
-            p = tl.math.exp2(qk * s - (m_new - P_SHIFT)[:, None])
+            p = tl.math.exp2(qk * s[:, None] - (m_new - P_SHIFT)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
@@ -410,14 +438,15 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
-    def _attn_fwd_kernel(Q, K, V, QS, KS, VS, Out, Lq, Lk, Lq_pad, Lk_pad, H, stride_vb, stride_vl, stride_vh,
+    def _attn_fwd_kernel(Q, K, V, QS, KS, VS, Out, Lq, Lk, Lk_pad, H, stride_vb, stride_vl, stride_vh,
                          stride_ob, stride_ol, stride_oh, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr, P_SHIFT: tl.constexpr,
                          PV_FP8: tl.constexpr, TMA: tl.constexpr, HAS_TAIL: tl.constexpr, LOOKAHEAD: tl.constexpr,
                          INTERPRET: tl.constexpr):
-        """One program = BLOCK_M queries of one head. Q, K: quantized [B, H, L_pad, D] (or their 2-D TMA
-        descriptors); V: e4m3 V^T [B, H, D, Lk_pad] (PV_FP8) or the caller's [B, Lk, H, D] (a 4-D descriptor under
-        TMA); QS, KS: per-block scales; VS: per-channel V scales [B, H, D] (PV_FP8 only); Out: [B, Lq, H*D]."""
+        """One program = BLOCK_M queries of one head. Q: quantized [B, Lq, H, D], K: quantized [B, H, Lk_pad, D]
+        (or their 2-D TMA descriptors: [B*Lq, H*D] and [B*H*Lk_pad, D]); V: e4m3 V^T [B, H, D, Lk_pad] (PV_FP8) or
+        the caller's [B, Lk, H, D] (a 4-D descriptor under TMA); QS: Q's scales [B, Lq, H]; KS: K's per-block
+        scales; VS: per-channel V scales [B, H, D] (PV_FP8 only); Out: [B, Lq, H*D]."""
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
         b32 = tl.program_id(2)
@@ -428,10 +457,11 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         if TMA:
-            q = Q.load([bh32 * Lq_pad + pid_m * BLOCK_M, 0])
+            q = Q.load([b32 * Lq + pid_m * BLOCK_M, h * D])  # rows past Lq: the next batch's or zeros, not stored
         else:
-            q = tl.load(Q + bh * Lq_pad * D + offs_m[:, None] * D + offs_d[None, :])
-        qs = tl.load(QS + bh * (Lq_pad // SCALE_BLOCK) + (pid_m * BLOCK_M) // SCALE_BLOCK)
+            # rows past Lq are left undefined: their scale is 0 and they are not stored
+            q = tl.load(Q + ((b * Lq + offs_m[:, None]) * H + h) * D + offs_d[None, :], mask=offs_m[:, None] < Lq)
+        qs = tl.load(QS + (b * Lq + offs_m) * H + h, mask=offs_m < Lq, other=0.0)  # rows past Lq: scores 0
         KS = KS + bh * (Lk_pad // SCALE_BLOCK)
         k_row = bh32 * Lk_pad
         v_row = bh32 * D
@@ -495,29 +525,51 @@ def _require_triton() -> None:
         raise ValueError("the quantized attention kernels need Triton, which is not installed")
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype, block: int = SCALE_BLOCK,
-                smooth_k: bool = True) -> QuantizedQK:
-    """Triton: q [B, Lq, H, D], k [B, Lk, H, D] (any float dtype) -> QuantizedQK (layouts: module docstring).
-    dtype: torch.float8_e4m3fn (sm_89+) or torch.int8 (sm_80+); one scale per `block` tokens per head; q carries
-    log2(e)/sqrt(D); k is smoothed (its per head-and-channel mean over tokens subtracted) unless smooth_k=False."""
+def quantize_q(q: torch.Tensor, dtype: torch.dtype) -> QuantizedQ:
+    """Triton: q [B, Lq, H, D] (any float dtype) -> c·q quantized per token and head, in q's layout. dtype:
+    torch.float8_e4m3fn (sm_89+) or torch.int8 (sm_80+)."""
     _require_triton()
-    qmax = _qmax(dtype)
+    _check_dtype(dtype)
+    q = _last_dim_contiguous(q)
+    B, L, H, D = q.shape
+    out = torch.empty(B, L, H, D, dtype=dtype, device=q.device)
+    scale = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
+    _quantize_rows_kernel[(triton.cdiv(L, Q_ROWS), H, B)](
+        q, scale, out, scale, L, H, *q.stride()[:3], *out.stride()[:3], MULT=query_multiplier(D), D=D, BLOCK=Q_ROWS,
+        SMOOTH=False, PER_TOKEN=True, QMAX=QMAX[dtype], AMAX_FLOOR=AMAX_FLOOR, **format_args(dtype), num_warps=4)
+    return QuantizedQ(out, scale)
+
+
+def quantize_k(k: torch.Tensor, dtype: torch.dtype, block: int = SCALE_BLOCK,
+               smooth: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton: k [B, Lk, H, D] -> (k_hat [B, H, Lk_pad, D] zero padded, one scale per `block` tokens
+    [B, H, Lk_pad / block]); smoothed (its per head-and-channel mean over tokens subtracted) unless smooth=False."""
+    _require_triton()
+    _check_dtype(dtype)
     _check_block(block)
-    B, _, H, D = q.shape
-    mean = _key_mean(k) if smooth_k else None
-    out = []
-    for x, mult, m in ((q, LOG2E / math.sqrt(D), None), (k, 1.0, mean)):
-        x = _last_dim_contiguous(x)
-        L = x.shape[1]
-        L_pad = _padded(L, block)
-        xq = torch.empty(B, H, L_pad, D, dtype=dtype, device=x.device)
-        scale = torch.empty(B, H, L_pad // block, dtype=torch.float32, device=x.device)
-        _quantize_rows_kernel[(L_pad // block, H, B)](
-            x, m if m is not None else scale, xq, scale, L, L_pad, H, x.stride(0), x.stride(1), x.stride(2),
-            MULT=mult, D=D, BLOCK=block, SMOOTH=m is not None, QMAX=qmax, INT8=dtype == torch.int8,
-            INTERPRET=_interpreting(), num_warps=4)
-        out += [xq, scale]
-    return QuantizedQK(*out, q.shape[1], k.shape[1], block)
+    k = _last_dim_contiguous(k)
+    B, L, H, D = k.shape
+    L_pad = _padded(L, block)
+    out = torch.empty(B, H, L_pad, D, dtype=dtype, device=k.device)
+    scale = torch.empty(B, H, L_pad // block, dtype=torch.float32, device=k.device)
+    mean = _key_mean(k) if smooth else None
+    _quantize_rows_kernel[(L_pad // block, H, B)](
+        k, mean if smooth else scale, out, scale, L, H, *k.stride()[:3], out.stride(0), out.stride(2),
+        out.stride(1), MULT=1.0, D=D, BLOCK=block, SMOOTH=smooth, PER_TOKEN=False, QMAX=QMAX[dtype],
+        AMAX_FLOOR=AMAX_FLOOR, **format_args(dtype), num_warps=4)
+    return out, scale
+
+
+def quantize_qk(q: torch.Tensor | QuantizedQ, k: torch.Tensor, dtype: torch.dtype, block: int = SCALE_BLOCK,
+                smooth_k: bool = True) -> QuantizedQK:
+    """Triton: `quantize_q` and `quantize_k` (layouts: module docstring); q may come quantized already (by its
+    producer), in `dtype`."""
+    if not isinstance(q, QuantizedQ):
+        q = quantize_q(q, dtype)
+    elif q.q.dtype != dtype or q.q.shape[:3] != q.scale.shape or not q.q.is_contiguous():
+        raise ValueError(f"a quantized q must be a contiguous {dtype} [B, Lq, H, D] with scales [B, Lq, H], got "
+                         f"{q.q.dtype} {tuple(q.q.shape)} with scales {tuple(q.scale.shape)}")
+    return QuantizedQK(*q, *quantize_k(k, dtype, block, smooth_k), q.q.shape[1], k.shape[1], block)
 
 
 def quantize_v(v: torch.Tensor, block: int = SCALE_BLOCK) -> QuantizedV:
@@ -552,7 +604,7 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
     bf16/fp16 tensor (P cast to its dtype). Returns out [B, Lq, H*D] (written in place when given; else v's dtype, or
     out_dtype for a QuantizedV)."""
     _require_triton()
-    B, H, Lq_pad, D = qk.q.shape
+    B, Lq, H, D = qk.q.shape
     Lk_pad = qk.k.shape[2]
     _check_config(config, qk.block, D)
     pv_fp8 = isinstance(v, QuantizedV)
@@ -581,7 +633,7 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
     if config.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        q_arg = TensorDescriptor.from_tensor(qk.q.view(B * H * Lq_pad, D), [config.block_m, D])
+        q_arg = TensorDescriptor.from_tensor(qk.q.view(B * Lq, H * D), [config.block_m, D])
         k_arg = TensorDescriptor.from_tensor(qk.k.view(B * H * Lk_pad, D), [config.block_n, D])
         if pv_fp8:
             v_arg = TensorDescriptor.from_tensor(v.v.view(B * H * D, Lk_pad), [D, config.block_n])
@@ -591,7 +643,7 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
             v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, config.block_n, 1, D])
     grid = (triton.cdiv(qk.lq, config.block_m), H, B)
     _attn_fwd_kernel[grid](
-        q_arg, k_arg, v_arg, qk.q_scale, qk.k_scale, vs, out, qk.lq, qk.lk, Lq_pad, Lk_pad, H, *strides,
+        q_arg, k_arg, v_arg, qk.q_scale, qk.k_scale, vs, out, qk.lq, qk.lk, Lk_pad, H, *strides,
         out.stride(0), out.stride(1), D, D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SCALE_BLOCK=qk.block, P_SHIFT=P_LOG2_FP8 if pv_fp8 else 0.0, PV_FP8=pv_fp8, TMA=config.tma,
         HAS_TAIL=qk.lk % config.block_n != 0, LOOKAHEAD=config.lookahead, INTERPRET=_interpreting(),
@@ -599,29 +651,37 @@ def attention_kernel(qk: QuantizedQK, v: torch.Tensor | QuantizedV, config: Attn
     return out
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"attention takes q [B, Lq, H, D] and k, v [B, Lk, H, D], got {tuple(q.shape)}, "
+def _query_shape(q: torch.Tensor | QuantizedQ) -> tuple[int, ...]:
+    """[B, Lq, H, D] of q, or of the q a QuantizedQ holds."""
+    return tuple((q.q if isinstance(q, QuantizedQ) else q).shape)
+
+
+def _check_inputs(q: torch.Tensor | QuantizedQ, k: torch.Tensor, v: torch.Tensor) -> None:
+    shape = _query_shape(q)
+    if len(shape) != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"attention takes q [B, Lq, H, D] and k, v [B, Lk, H, D], got {shape}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q and k must agree on B, H and D, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
+    if shape[0] != k.shape[0] or shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must agree on B, H and D, got {shape} and {tuple(k.shape)}")
+    if shape[1] == 0 or k.shape[1] == 0:
         raise ValueError("attention needs at least one query and one key")
 
 
-def attention_quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
+def attention_quantized(q: torch.Tensor | QuantizedQ, k: torch.Tensor, v: torch.Tensor, mode: str,
                         config: AttnConfig | None = None, out: torch.Tensor | None = None, block: int = SCALE_BLOCK,
                         smooth_k: bool = True) -> torch.Tensor:
     """Quantize and run the kernel (no device or capability checks: `attention` does those; CPU tests call this under
-    TRITON_INTERPRET=1). q [B, Lq, H, D], k and v [B, Lk, H, D], v bf16/fp16 -> [B, Lq, H*D] in v's dtype."""
+    TRITON_INTERPRET=1). q [B, Lq, H, D] or already quantized (a QuantizedQ in the mode's QK dtype), k and v
+    [B, Lk, H, D], v bf16/fp16 -> [B, Lq, H*D] in v's dtype."""
     _check_inputs(q, k, v)
     check_mode(mode, None)
     if mode == "sdpa":
         raise ValueError("attention_quantized runs the quantized modes; use attention_reference for 'sdpa'")
     if v.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quantized attention takes bf16 or fp16 v, got {v.dtype}")
-    config = config or default_config(mode, q.shape[-1], capability(q.device), block)
-    _check_config(config, block, q.shape[-1])
+    D = k.shape[-1]
+    config = config or default_config(mode, D, capability(k.device), block)
+    _check_config(config, block, D)
     qk = quantize_qk(q, k, QK_DTYPE[mode], block, smooth_k)
     vv = quantize_v(v, block) if mode in FP8_PV_MODES else v
     return attention_kernel(qk, vv, config, out=out, out_dtype=v.dtype)
@@ -629,38 +689,55 @@ def attention_quantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode:
 
 @torch.library.custom_op("wanrt::quantized_attention", mutates_args=())
 def quantized_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, block_m: int, block_n: int,
-                           num_warps: int, num_stages: int, tma: bool, lookahead: bool,
-                           gluon: bool) -> torch.Tensor:
+                           num_warps: int, num_stages: int, tma: bool, lookahead: bool, gluon: bool,
+                           q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`attention_quantized` (128-token scale blocks) as one opaque op: torch.compile(fullgraph=True) keeps it whole
-    in a compiled DiT block instead of tracing the launcher."""
+    in a compiled DiT block instead of tracing the launcher. With q_scale, q is quantized already: QuantizedQ(q,
+    q_scale)."""
+    if q_scale is not None:
+        q = QuantizedQ(q, q_scale)
     return attention_quantized(q, k, v, mode,
                                AttnConfig(block_m, block_n, num_warps, num_stages, tma, lookahead, gluon))
 
 
 @quantized_attention_op.register_fake
-def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead, gluon):
+def _(q, k, v, mode, block_m, block_n, num_warps, num_stages, tma, lookahead, gluon, q_scale=None):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]), dtype=v.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sdpa",
+def quantizes_query(mode: str, x: torch.Tensor) -> bool:
+    """Whether `attention` in this mode runs a kernel for tensors like x, so that Q's producer should hand it a
+    QuantizedQ (`qk_norm_rope(..., for_attention=True)`) rather than 16-bit q. Meta tensors count as CUDA: the planner
+    traces the run's allocations."""
+    check_mode(mode, None)
+    return mode != "sdpa" and has_triton() and (x.is_meta or x.device.type == "cuda")
+
+
+def attention(q: torch.Tensor | QuantizedQ, k: torch.Tensor, v: torch.Tensor, mode: str = "sdpa",
               config: AttnConfig | None = None) -> torch.Tensor:
     """Non-causal attention, q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H*D] in v's dtype.
 
     mode: 'sdpa' (PyTorch SDPA), 'fp8' (fp8 QK and P·V, sm_89+), 'fp8_bf16pv' (fp8 QK, 16-bit P·V, sm_89+), 'int8'
     (int8 QK, 16-bit P·V, sm_80+), 'int8_fp8pv' (int8 QK, fp8 P·V, sm_89+). Tensors off CUDA take the SDPA reference
     whatever the mode; on a GPU below the mode's capability this raises ValueError naming both (callers
-    check with `check_mode` first). config: kernel tiles (default: the CONFIGS entry for this GPU)."""
+    check with `check_mode` first). q may come quantized by its producer (a QuantizedQ in the mode's QK dtype, where
+    `quantizes_query` says so). config: kernel tiles (default: the CONFIGS entry for this GPU)."""
     check_mode(mode, None)
-    if q.is_meta and mode != "sdpa":  # the planner's trace: 8-bit copies of q, k, v, then the output
-        copies = [t.new_empty(t.shape, dtype=torch.uint8) for t in (q, k, v)]
-        out = q.new_empty((*q.shape[:2], q.shape[2] * q.shape[3]), dtype=v.dtype)
+    prequantized = isinstance(q, QuantizedQ)
+    if prequantized and not quantizes_query(mode, k):
+        raise ValueError(f"a quantized q needs a kernel mode and CUDA tensors, got mode {mode!r} on {k.device}")
+    if k.is_meta and mode != "sdpa":  # the planner's trace: 8-bit copies of q (unless given), k, v, then the output
+        copies = [t.new_empty(t.shape, dtype=torch.uint8) for t in (k, v, *(() if prequantized else (q,)))]
+        B, Lq, H, D = _query_shape(q)
+        out = k.new_empty((B, Lq, H * D), dtype=v.dtype)
         del copies
         return out
-    if mode == "sdpa" or q.device.type != "cuda":
+    if mode == "sdpa" or k.device.type != "cuda":
         return attention_reference(q, k, v)
-    check_mode(mode, capability(q.device))
+    check_mode(mode, capability(k.device))
     if not has_triton():
         raise ValueError(f"attention mode {mode!r} needs Triton, which is not installed")
-    c = config or default_config(mode, q.shape[-1], capability(q.device))
+    c = config or default_config(mode, k.shape[-1], capability(k.device))
+    q, q_scale = q if prequantized else (q, None)
     return quantized_attention_op(q, k, v, mode, c.block_m, c.block_n, c.num_warps, c.num_stages, c.tma, c.lookahead,
-                                  c.gluon)
+                                  c.gluon, q_scale)

@@ -88,11 +88,12 @@ if gluon is not None:
     @gluon.jit
     def _softmax_step(s, scale, m_i, keys_left, P_SHIFT: gl.constexpr, MASK: gl.constexpr,
                       S_BASE: gl.constexpr):
-        """Online-softmax update for one key block of fp32 scores `s` (S_BASE + the raw dot products): returns P =
-        2^(S - m' + P_SHIFT) in fp32, the new row max m' and the rescale factor alpha = 2^(m - m')."""
+        """Online-softmax update for one key block of fp32 scores `s` (S_BASE + the raw dot products) and the rows'
+        scales `scale` (Q's per token times the block's K scale): returns P = 2^(S - m' + P_SHIFT) in fp32, the new
+        row max m' and the rescale factor alpha = 2^(m - m')."""
         if MASK:  # keys past Lk (zero padding) score -inf; the key index is built here, not held across the loop
             offs_n = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
-            s = gl.where(offs_n[None, :] < keys_left, s * scale, float("-inf"))
+            s = gl.where(offs_n[None, :] < keys_left, s * scale[:, None], float("-inf"))
             m_blk = gl.max(s, 1)
         else:  # scale > 0: max(s * scale) = max(s) * scale, and the scale folds into one FMA per score
             m_blk = gl.max(s, 1) * scale
@@ -106,7 +107,7 @@ if gluon is not None:
         if MASK:
             p = gl.exp2(s - row_shift[:, None])
         else:
-            p = gl.exp2(s * scale - row_shift[:, None])
+            p = gl.exp2(s * scale[:, None] - row_shift[:, None])
         return p, m_new, gl.exp2(m_i - m_new)
 
     @gluon.jit
@@ -182,7 +183,7 @@ if gluon is not None:
 
     @gluon.jit
     def _warpgroup(WG: gl.constexpr, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0, b, h,
-                   bh, Lq, Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK: gl.constexpr,
+                   bh, H, Lq, Lk, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK: gl.constexpr,
                    P_SHIFT: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
         """Query rows row0 .. row0 + 63 of head (b, h) against every key block; warpgroup WG of the program."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
@@ -199,13 +200,13 @@ if gluon is not None:
         n = (Lk + BLOCK_N - 1) // BLOCK_N
 
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma_load(q_desc, [bh * Lq_pad + row0, 0], q_bar, q_smem)  # rows past this head's are not stored
+        tma_load(q_desc, [b * Lq + row0, h * D], q_bar, q_smem)  # rows past Lq (the next batch's, or zeros): not stored
         if LOADER:
             for i in gl.static_range(STAGES):
                 if i < n:
                     _load_kv(kv, i, n, STAGES, HAS_TAIL)
-        nblk = Lq_pad // SCALE_BLOCK
-        qs = gl.load(QS + bh * nblk + gl.minimum(row0 // SCALE_BLOCK, nblk - 1))
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        qs = gl.load(QS + (b * Lq + rows) * H + h, mask=rows < Lq, other=0.0)  # per token and head; past Lq: 0
         KS = KS + bh * (Lk_pad // SCALE_BLOCK)
         if q_desc.dtype == gl.int8:
             s_init = gl.full([BLOCK_M, BLOCK_N], _INT8_SCORE_BASE_BITS, gl.int32, s_layout)
@@ -234,12 +235,13 @@ if gluon is not None:
         gl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
     @gluon.jit
-    def _attn_fwd_sm90(q_desc, k_desc, v_desc, QS, KS, VS, Out, Lq, Lk, Lq_pad, Lk_pad, H, stride_ob, stride_ol,
+    def _attn_fwd_sm90(q_desc, k_desc, v_desc, QS, KS, VS, Out, Lq, Lk, Lk_pad, H, stride_ob, stride_ol,
                        stride_oh, SCALE_BLOCK: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
                        HAS_TAIL: gl.constexpr):
-        """One program = WARPGROUPS x 64 queries of one head. q_desc, k_desc: quantized Q, K as 2-D [B*H*L_pad, D];
-        v_desc: e4m3 V^T as [B*H*D, Lk_pad]; QS, KS: per-block scales; VS: per-channel V scales [B, H, D]; Out
-        [B, Lq, H*D]. The first warpgroup runs in the program's own warps, the others as warp-specialized workers."""
+        """One program = WARPGROUPS x 64 queries of one head. q_desc: quantized Q as 2-D [B*Lq, H*D]; k_desc: K as
+        2-D [B*H*Lk_pad, D]; v_desc: e4m3 V^T as [B*H*D, Lk_pad]; QS: Q's scales [B, Lq, H]; KS: K's per-block
+        scales; VS: per-channel V scales [B, H, D]; Out [B, Lq, H*D]. The first warpgroup runs in the program's own
+        warps, the others as warp-specialized workers."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -272,14 +274,14 @@ if gluon is not None:
         kv = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, bh * Lk_pad, bh * D)
         row0 = pid_m * _WARPGROUPS * BLOCK_M
         gl.warp_specialize([
-            (_warpgroup, (0, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0, b, h, bh, Lq,
-                          Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES,
+            (_warpgroup, (0, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0, b, h, bh, H, Lq,
+                          Lk, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES,
                           HAS_TAIL)),
             (_warpgroup, (1, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0 + BLOCK_M, b, h,
-                          bh, Lq, Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES,
+                          bh, H, Lq, Lk, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT, STAGES,
                           HAS_TAIL)),
             (_warpgroup, (2, q_desc, q_smem, q_bar, kv, kv_empty, ones_smem, QS, KS, VS, Out, row0 + 2 * BLOCK_M, b,
-                          h, bh, Lq, Lk, Lq_pad, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT,
+                          h, bh, H, Lq, Lk, Lk_pad, stride_ob, stride_ol, stride_oh, SCALE_BLOCK, P_SHIFT,
                           STAGES, HAS_TAIL)),
         ], [4, 4], [_MAX_REGS, _MAX_REGS])
 
@@ -288,18 +290,18 @@ def attention_kernel_sm90(qk, v, out, p_shift: float, stages: int = STAGES):
     """Run the Gluon kernel: qk a QuantizedQK (fp8 or int8, scale blocks a multiple of 128 tokens), v a QuantizedV,
     out [B, Lq, H*D] bf16/fp16 (written in place); P is 2^(S - m + p_shift); key blocks stream through `stages` K/V
     slots of shared memory. The caller checks shapes (`wanrt.kernels.attention.attention_kernel`)."""
-    B, H, Lq_pad, D = qk.q.shape
+    B, Lq, H, D = qk.q.shape
     Lk_pad = qk.k.shape[2]
     qdt = gl.int8 if qk.q.dtype == torch.int8 else gl.float8e4nv
 
     def desc(x, block, dtype):
         return TensorDescriptor.from_tensor(x, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
-    q_desc = desc(qk.q.view(B * H * Lq_pad, D), [BLOCK_M, D], qdt)
+    q_desc = desc(qk.q.view(B * Lq, H * D), [BLOCK_M, D], qdt)
     k_desc = desc(qk.k.view(B * H * Lk_pad, D), [BLOCK_N, D], qdt)
     v_desc = desc(v.v.view(B * H * D, Lk_pad), [D, BLOCK_N], gl.float8e4nv)
     grid = (triton.cdiv(qk.lq, WARPGROUPS * BLOCK_M), H, B)
-    _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, qk.q_scale, qk.k_scale, v.scale, out, qk.lq, qk.lk, Lq_pad, Lk_pad,
+    _attn_fwd_sm90[grid](q_desc, k_desc, v_desc, qk.q_scale, qk.k_scale, v.scale, out, qk.lq, qk.lk, Lk_pad,
                          H, out.stride(0), out.stride(1), D, SCALE_BLOCK=qk.block, P_SHIFT=p_shift, STAGES=stages,
                          HAS_TAIL=qk.lk % BLOCK_N != 0, num_warps=NUM_WARPS, maxnreg=MAX_REGS)
     return out

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.attention import attention
+from ..kernels.attention import QK_DTYPE, attention, quantizes_query
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
 from ..quant import qdq
@@ -103,13 +103,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 
 
 def qk(h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w: Weights, attn: str, proj: str,
-       rope: tuple[torch.Tensor, torch.Tensor] | None, cfg: DiTConfig) -> torch.Tensor:
+       rope: tuple[torch.Tensor, torch.Tensor] | None, cfg: DiTConfig, attention_mode: str = "sdpa") -> torch.Tensor:
     """Query or key: projection, RMSNorm over the whole width in fp32, RoPE if given; [B, L, H, D] in the weight
-    dtype (one fused pass after the GEMM on GPUs)."""
+    dtype (one fused pass after the GEMM on GPUs). A query for an `attention_mode` that runs a quantized kernel comes
+    quantized in the form that kernel reads (a QuantizedQ), so the attention skips its pass over Q."""
     name = f"{attn}.{proj}"
     cos, sin = rope if rope is not None else (None, None)
-    return qk_norm_rope(linear(h, w, name, cfg), w[f"{attn}.norm_{proj}.weight"], cfg.eps, cfg.num_heads, cos, sin,
-                        out_dtype=compute_dtype(w))
+    y = linear(h, w, name, cfg)
+    quantized = quantizes_query(attention_mode, y)
+    return qk_norm_rope(y, w[f"{attn}.norm_{proj}.weight"], cfg.eps, cfg.num_heads, cos, sin,
+                        out_dtype=QK_DTYPE[attention_mode] if quantized else compute_dtype(w),
+                        for_attention=quantized)
 
 
 def heads(y: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -163,7 +167,7 @@ def block_forward(x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope
 
     for s in parts:
         h = norm_modulate(x[:, s], eps, shift_sa, scale_sa, out_dtype=act)
-        y = attention(qk(h, w, "self_attn", "q", (cos[s], sin[s]), cfg), k, v, cfg.attention)
+        y = attention(qk(h, w, "self_attn", "q", (cos[s], sin[s]), cfg, cfg.attention), k, v, cfg.attention)
         y = linear(y, w, "self_attn.o", cfg)
         x = _writable(x)
         h = norm_modulate(x[:, s], eps, weight=norm3[0], bias=norm3[1], residual=y, gate=gate_sa, out_dtype=act)

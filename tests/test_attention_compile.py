@@ -32,7 +32,7 @@ def compile_for_sm90(mode: str) -> tuple[str, int]:
     kern = A._attn_fwd_kernel
     sig = {n: "constexpr" if n in consts else descs.get(n) or ("*bf16" if n == "Out" else "*fp32" if n in
            ("QS", "KS", "VS") else "i32") for n in kern.arg_names}
-    aligned = ("QS", "KS", "VS", "Out", "Lq_pad", "Lk_pad", "stride_ob", "stride_ol", "stride_oh")  # as a launch has
+    aligned = ("QS", "KS", "VS", "Out", "Lk_pad", "stride_ob", "stride_ol", "stride_oh")  # as a launch has
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names) if n in aligned}
     compiled = triton.compile(ASTSource(kern, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 64),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -16,7 +16,7 @@ from wanrt.kernels import attention as A
 from wanrt.kernels import attention_sm90 as G
 
 from sm90_offline import local_memory_in_loops, resource_usage, run_compiled
-from test_kernels_attention import REF_BOUND, REL_BOUND, rel_err
+from test_kernels_attention import REF_BOUND, REL_BOUND, rel_err, scaled_rows
 
 HOPPER_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 MODES = ("fp8", "int8_fp8pv")
@@ -47,7 +47,7 @@ def compile_for_sm90(mode: str, tail: bool) -> None:
     kern = G._attn_fwd_sm90
     sig = {n: "constexpr" if n in consts else mangle_type(descs[n]) if n in descs
            else "*bf16" if n == "Out" else "*fp32" if n in ("QS", "KS", "VS") else "i32" for n in kern.arg_names}
-    aligned = ("QS", "KS", "VS", "Out", "Lq_pad", "Lk_pad", "stride_ob", "stride_ol", "stride_oh")  # as a launch has
+    aligned = ("QS", "KS", "VS", "Out", "Lk_pad", "stride_ob", "stride_ol", "stride_oh")  # as a launch has
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kern.arg_names) if n in aligned}
     compiled = triton.compile(GluonASTSource(kern, sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 64), options=dict(num_warps=G.NUM_WARPS,
@@ -98,6 +98,38 @@ def test_matches_reference(mode, Lq, Lk, cfg):
     sdpa = A.attention_reference(q.float(), k.float(), v.float())
     assert rel_err(got, ref) < REF_BOUND[mode], rel_err(got, ref)
     assert rel_err(got, sdpa) < REL_BOUND[mode], rel_err(got, sdpa)
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("mode", MODES)
+def test_query_rows_of_different_magnitudes(mode):
+    """Per-token Q scales, read by each warpgroup for its own rows (333 queries: three programs, the last partly
+    empty)."""
+    q, k, v = (torch.randn(1, L, 2, 128, device="cuda").to(torch.bfloat16) for L in (333, 517, 517))
+    q = scaled_rows(q)
+    got = A.attention_quantized(q, k, v, mode, GLUON[-1])
+    assert rel_err(got, A.attention_quantized_ref(q, k, v, mode)) < REF_BOUND[mode]
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="runs on an sm_90 GPU")
+@pytest.mark.parametrize("mode", MODES)
+def test_query_quantized_by_its_producer(mode):
+    """The DiT's path at Wan's head size: Q from qk_norm_rope, quantized per token and head, through `attention`
+    (the table's kernel), against SDPA on the bf16 q the same norm gives."""
+    from wanrt.kernels.qk_norm_rope import qk_norm_rope
+
+    L, H = 300, 3
+    y = (3 * torch.randn(1, L, H * 128, device="cuda")).to(torch.bfloat16)
+    weight = 1 + 0.2 * torch.randn(H * 128, device="cuda")
+    angles = torch.rand(L, 64, device="cuda") * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    k, v = (torch.randn(1, L, H, 128, device="cuda").to(torch.bfloat16) for _ in range(2))
+    assert A.quantizes_query(mode, y)
+    qq = qk_norm_rope(y, weight, 1e-6, H, cos, sin, A.QK_DTYPE[mode], for_attention=True)
+    got = A.attention(qq, k, v, mode)
+    q = qk_norm_rope(y, weight, 1e-6, H, cos, sin)
+    assert rel_err(got, A.attention(q, k, v, mode)) < REL_BOUND[mode] / 2  # q's bf16 rounding apart (fp8: 0.027)
+    assert rel_err(got, A.attention_reference(q.float(), k.float(), v.float())) < REL_BOUND[mode]
 
 
 def sink_and_tail(Lq: int, Lk: int, device: str = "cuda"):

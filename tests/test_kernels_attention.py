@@ -98,6 +98,22 @@ def test_shapes(mode, B, Lq, Lk, cfg, block, lookahead):
     check(A.attention_quantized(q, k, v, mode, cfg, block=block), q, k, v, mode)
 
 
+def scaled_rows(q: torch.Tensor) -> torch.Tensor:
+    """q with token r scaled by 2^(r % 7 - 3), 1/8 to 8: softmax rows from flat to sharp."""
+    return (q.float() * 2.0 ** (torch.arange(q.shape[1], device=q.device) % 7 - 3)[None, :, None, None]).to(q.dtype)
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_query_rows_of_different_magnitudes(mode):
+    """Q's scales are per token: each row keeps its own precision, and a scale read for another row would show."""
+    skip_unsupported(mode)
+    q, k, v = inputs(1, 70, 45, 2, 64)
+    q = scaled_rows(q)
+    got = A.attention_quantized(q, k, v, mode, SMALL, block=BLOCK)
+    want = A.attention_quantized_ref(q, k, v, mode, block=BLOCK)
+    assert rel_err(got, want) < REF_BOUND[mode], worst(got, want)
+
+
 def test_fp16_values_and_strided_inputs():
     """q, k, v as views of one fused projection (strided tokens), v in fp16: the output follows v's dtype."""
     qkv = torch.randn(1, 45, 3, 2, 64, device=DEVICE).half()
@@ -140,11 +156,13 @@ def test_quantize_qk_matches_ref(dtype, smooth_k):
     q, k, _ = inputs(1, 70, 45, 2, 128, key_bias=2.0)
     got = A.quantize_qk(q, k, dtype, BLOCK, smooth_k)
     want = A.quantize_qk_ref(q, k, dtype, BLOCK, smooth_k)
-    for name, L in (("q", 70), ("k", 45)):
+    assert got.q_scale.shape == (1, 70, 2) and got.k_scale.shape == (1, 2, 2)  # per token and head; per block of 32
+    assert not got.k[:, :, 45:].float().any(), "K's padding rows must be zero"
+    for name, shape in (("q", (1, 70, 2, 128)), ("k", (1, 2, 64, 128))):
         x, y = getattr(got, name), getattr(want, name)
-        assert x.shape == y.shape == (1, 2, 96 if name == "q" else 64, 128) and x.dtype == dtype
-        assert torch.equal(getattr(got, f"{name}_scale"), getattr(want, f"{name}_scale"))
-        assert not x[:, :, L:].float().any(), "padding rows must be zero"
+        assert x.shape == y.shape == shape and x.dtype == dtype
+        # a GPU's torch divides by the scalar qmax as a multiplication by its inverse: within an ulp
+        torch.testing.assert_close(getattr(got, f"{name}_scale"), getattr(want, f"{name}_scale"), rtol=3e-7, atol=0)
         # the interpreter matches exactly; a GPU divides approximately, which may move a rare tie by one step
         xf, yf = x.float(), y.float()
         step = 1.0 if dtype == torch.int8 else (yf.abs() / 8).clamp_min(2**-9)
@@ -155,6 +173,23 @@ def test_quantize_qk_matches_ref(dtype, smooth_k):
     k_s = k.float() - (k.float().mean(1, keepdim=True) if smooth_k else 0)
     for deq, exact in ((dq, q.float().transpose(1, 2) * c), (dk, k_s.transpose(1, 2))):
         assert rel_err(deq, exact) < (0.04 if dtype != torch.int8 else 0.02)
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_a_query_quantized_by_its_producer_gives_the_same_attention(mode):
+    """attention_quantized on a QuantizedQ (what qk_norm_rope hands the DiT's attention) runs the same kernel on the
+    same codes as on the q it came from; one of another dtype or shape is refused."""
+    skip_unsupported(mode)
+    q, k, v = inputs(1, 70, 45, 2, 64)
+    qq = A.quantize_q(q, A.QK_DTYPE[mode])
+    assert qq.q.shape == (1, 70, 2, 64) and qq.scale.shape == (1, 70, 2)
+    got = A.attention_quantized(qq, k, v, mode, SMALL, block=BLOCK)
+    assert torch.equal(got, A.attention_quantized(q, k, v, mode, SMALL, block=BLOCK))
+    other = torch.int8 if A.QK_DTYPE[mode] != torch.int8 else torch.float8_e4m3fn
+    strided = qq.q.transpose(1, 2).contiguous().transpose(1, 2)
+    for bad in (A.quantize_q(q, other), A.QuantizedQ(qq.q[:, :60], qq.scale), A.QuantizedQ(strided, qq.scale)):
+        with pytest.raises(ValueError, match="a quantized q must be"):
+            A.attention_quantized(bad, k, v, mode, SMALL, block=BLOCK)
 
 
 def test_quantize_v_matches_ref():
@@ -175,8 +210,11 @@ def test_dispatch_on_cpu_is_the_reference():
     assert torch.equal(A.attention_reference(q, k, v), want)
     for mode in A.MODES:
         assert torch.equal(A.attention(q, k, v, mode), want)
+        assert not A.quantizes_query(mode, q)  # so the DiT hands it 16-bit q
     with pytest.raises(ValueError, match="must be one of"):
         A.attention(q, k, v, "fp4")
+    with pytest.raises(ValueError, match="a quantized q needs a kernel mode and CUDA"):
+        A.attention(A.quantize_q_ref(q, torch.int8), k, v, "int8")
 
 
 def test_capability_errors_name_mode_and_gpu():
@@ -221,3 +259,9 @@ def test_op_under_torch_compile():
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     assert got.shape == (1, 20, 64)
     check(got / 2, q, k, v, "int8")
+
+    def g(q8, q_scale, k, v):  # q quantized by its producer
+        return A.quantized_attention_op(q8, k, v, "int8", 128, 128, 8, 3, False, True, False, q_scale) * 2
+
+    qq = A.quantize_q(q, torch.int8)
+    torch.testing.assert_close(torch.compile(g, fullgraph=True, backend="aot_eager")(*qq, k, v), got)

@@ -213,6 +213,27 @@ def test_qk_norm_rope_wan_head():
 
 
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_dtype", [FP8, INT8], ids=str)
+def test_qk_norm_rope_gives_the_attention_its_query(out_dtype, y_dtype):
+    """With for_attention: c·out quantized per token and head, [B, L, H, D] with scales [B, L, H]. Three heads of
+    32 (the kernel holds four, one masked off)."""
+    from wanrt.kernels import attention as A
+
+    y, weight, cos, sin = qk_inputs(y_dtype, True, dim=96, heads=3)
+    got = qr.qk_norm_rope_triton(y, weight, EPS, 3, cos, sin, out_dtype, for_attention=True)
+    ref = qr.qk_norm_rope_reference(y, weight, EPS, 3, cos, sin, out_dtype, for_attention=True)
+    assert isinstance(got, A.QuantizedQ) and got.q.shape == (B, L, 3, 32) and got.scale.shape == (B, L, 3)
+    ref_fp32 = qr.qk_norm_rope_reference(y, weight, EPS, 3, cos, sin, torch.float32) * A.query_multiplier(32)
+    # each (token, head) is a row of its own: [B, L * H, D] and scales [B, L * H]
+    rows = [(x.reshape(B, -1, 32), s.reshape(B, -1)) for x, s in (got, ref)]
+    assert_matches(*rows, ref_fp32.reshape(B, -1, 32), upstream=QK_UPSTREAM[y_dtype])
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        qr.qk_norm_rope_triton(y, weight, EPS, 2, cos, sin, out_dtype, for_attention=True)  # heads of 48
+    with pytest.raises(ValueError, match="fp8 e4m3 or int8"):
+        qr.qk_norm_rope_triton(y, weight, EPS, 3, cos, sin, torch.bfloat16, for_attention=True)
+
+
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_qk_norm_rope_reference_is_todays_qk(y_dtype):
     """The reference is dit.py's `rms_norm` then `apply_rope` bit for bit."""
     y, weight, cos, sin = qk_inputs(y_dtype, True)
