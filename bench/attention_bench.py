@@ -12,13 +12,16 @@ Variants per shape (bf16 inputs [B, L, H, D] as the DiT makes them):
   sdpa_op      wanrt.runtime.dit.attention as the runtime calls it ([B, L, H, D] views in, [B, L, H*D] out)
   <mode>       wanrt.kernels.attention for each quantized mode: a small config sweep of the kernel alone on
                pre-quantized inputs (winners printed), then the winner with its quantization pass (what `attention`
-               costs, 'total'), and the quantization pass alone
+               costs on 16-bit q, 'total'), and the quantization passes alone (Q, K and V; and Q's share, which
+               the DiT saves by taking Q quantized from its producer)
   sageattn     sageattention.sageattn (1.0.6: int8 QK, fp16 P·V, Triton), when importable
 Times are medians of triton.testing.do_bench; TFLOP/s = 4 B H Lq Lk D / t. Accuracy is against bf16 SDPA (the default
 backend) on two input sets: randn q, k, v ('rand') and the same with a strong per-channel key offset, k += 5 randn(D)
 ('K bias'), as real keys have. The SDPA backends, each mode's chosen kernel and sageattn also run back to back for
 2 s with nvidia-smi's power draw and SM clock sampled meanwhile (`wanrt.bench.gpu_power`): the 'Sustained load'
-table. Each variant runs in its own try/except: a failure is recorded and the run goes on.
+table. For the self-attention shapes, Q's producer (`qk_norm_rope` on the q projection [B, L, H*D], RMSNorm and RoPE)
+is timed with a bf16 output and with the quantized Q each QK dtype takes: the 'Q's producer' table sets what the
+quantized output adds there against the Q pass it saves. Each variant runs in its own try/except: a failure is recorded and the run goes on.
 Writes <out>/attention_bench.json and .md (after every shape; `_shapes0-3` appended when --shapes picks a subset) and
 prints the table. The full run compiles ~60 kernel variants; split it with --shapes to stay within a time limit.
 """
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from wanrt.bench.common import GiB, gpu_info, write_report
 from wanrt.bench.gpu_power import sustained
 from wanrt.kernels import attention as A
+from wanrt.kernels.qk_norm_rope import qk_norm_rope_triton
 
 SHAPES = [  # name, (B, H, Lq, Lk, D)
     ("1.3B 480p self", (1, 12, 32760, 32760, 128)),
@@ -174,10 +178,11 @@ def run_mode(mode, shape, sets, refs, sweep: list[A.AttnConfig]) -> dict:
     kernel_ms = timed[best_name]
     quant_ms = bench_ms(lambda: quantize(q, k, v, mode))
     total_ms = bench_ms(lambda: A.attention_quantized(q, k, v, mode, best))
+    quant_q_ms = bench_ms(lambda: A.quantize_q(q, A.QK_DTYPE[mode]))
     acc = {tag: accuracy(A.attention_quantized(*sets[tag], mode, best), refs[tag]) for tag in sets}
     return {"variant": mode, "config": best_name, "default_config": default.describe(),
             "default_kernel_ms": timed.get(default.describe()), "kernel_ms": kernel_ms, "quant_ms": quant_ms,
-            "total_ms": total_ms, "tflops_kernel": tflops(shape, kernel_ms), "tflops": tflops(shape, total_ms),
+            "quant_q_ms": quant_q_ms, "total_ms": total_ms, "tflops_kernel": tflops(shape, kernel_ms), "tflops": tflops(shape, total_ms),
             "extra_gib": peak_extra_gib(lambda: A.attention_quantized(q, k, v, mode, best)), "acc": acc,
             "sustained": load, "sweep": results, "sweep_cos": cos}
 
@@ -192,6 +197,21 @@ def run_sage(shape, sets, refs) -> dict:
     return {"variant": "sageattn", "kernel_ms": ms, "total_ms": ms, "tflops": tflops(shape, ms),
             "sustained": sustained(lambda: run(q, k, v)), "extra_gib": peak_extra_gib(lambda: run(q, k, v)),
             "acc": {tag: accuracy(run(*sets[tag]), refs[tag]) for tag in sets}}
+
+
+def run_producer(shape, modes) -> dict:
+    """Q's producer at this shape: qk_norm_rope's ms with a bf16 output and with each quantized Q the modes take."""
+    B, H, Lq, _, D = shape
+    g = torch.Generator(device="cuda").manual_seed(1)
+    y = torch.randn(B, Lq, H * D, device="cuda", generator=g).bfloat16()
+    weight = 1 + 0.2 * torch.randn(H * D, device="cuda", generator=g)
+    angles = torch.rand(Lq, D // 2, device="cuda", generator=g) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    ms = {"bf16": bench_ms(lambda: qk_norm_rope_triton(y, weight, 1e-6, H, cos, sin))}
+    for dtype in dict.fromkeys(A.QK_DTYPE[m] for m in modes):
+        ms[str(dtype).removeprefix("torch.")] = bench_ms(
+            lambda: qk_norm_rope_triton(y, weight, 1e-6, H, cos, sin, dtype, for_attention=True))
+    return ms
 
 
 def run_shape(name: str, shape, modes, sweep) -> dict:
@@ -223,7 +243,15 @@ def run_shape(name: str, shape, modes, sweep) -> dict:
                   f"{row['default_kernel_ms']} ms); ranked: {ranked}", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
-    return {"shape": list(shape), "rows": rows}
+    section = {"shape": list(shape), "rows": rows}
+    if shape[2] == shape[3] and modes:  # self-attention: the DiT's queries come from qk_norm_rope
+        try:
+            section["producer_ms"] = run_producer(shape, modes)
+        except Exception as e:
+            traceback.print_exc()
+            section["producer_ms"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"  Q's producer: {section['producer_ms']}", flush=True)
+    return section
 
 
 def describe_row(row: dict, base: dict) -> str:
@@ -255,29 +283,52 @@ def sustained_table(report: dict) -> list[str]:
     return lines
 
 
+def producer_table(report: dict) -> list[str]:
+    """Per self-attention shape and mode: Q's producer with a bf16 and with a quantized output, the Q pass that the
+    quantized output saves the attention, and the net saving."""
+    lines = ["", "## Q's producer (qk_norm_rope: RMSNorm and RoPE of the q projection, ms)", "",
+             "The DiT's query for a quantized mode comes from qk_norm_rope already quantized as the kernel reads it "
+             "(per token and head, softmax scale folded in), so the attention skips its pass over Q ('Q quant'). "
+             "Saved = Q quant - (quantized - bf16).", "",
+             "| shape | mode | producer, bf16 out | producer, quantized out | Q quant | saved |", "|---|---|---|---|---|---|"]
+    for name, sec in report["shapes"].items():
+        ms = sec.get("producer_ms", {})
+        for r in sec["rows"]:
+            own = ms.get(str(A.QK_DTYPE.get(r["variant"])).removeprefix("torch."))
+            if own is None or "quant_q_ms" not in r or "bf16" not in ms:
+                continue
+            saved = r["quant_q_ms"] - (own - ms["bf16"])
+            lines.append(f"| {name} | {r['variant']} | {ms['bf16']} | {own} | {r['quant_q_ms']} | {saved:.4f} |")
+    return lines if len(lines) > 6 else []
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# Attention: {m['gpu']} (torch {m['torch']}, triton {m['triton']})", "",
              "bf16 inputs [B, L, H, D], non-causal, head_dim 128. 'kernel' = attention kernel alone on quantized "
              "inputs (best config of the sweep); 'total' = with the quantization pass (what `attention(mode=...)` "
-             "costs). TFLOP/s = 4 B H Lq Lk D / total time. Accuracy vs bf16 SDPA: 'rand' = randn inputs, "
+             "costs on 16-bit q; the DiT takes Q quantized from its producer, which saves 'Q quant ms'). TFLOP/s = "
+             "4 B H Lq Lk D / total time. Accuracy vs bf16 SDPA: 'rand' = randn inputs, "
              f"'K bias' = keys + {KEY_BIAS} randn(D). Medians of triton.testing.do_bench. "
              "Reproduce: `python -m wanrt.bench.attention_bench --out DIR`.", "",
-             "| shape | variant | config | kernel ms | quant ms | total ms | TFLOP/s | x sdpa_flash | extra GiB | "
-             "cos rand | rel rand | cos K bias | rel K bias |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | variant | config | kernel ms | quant ms | Q quant ms | total ms | TFLOP/s | x sdpa_flash "
+             "| extra GiB | cos rand | rel rand | cos K bias | rel K bias |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, sec in report["shapes"].items():
         base = next((r for r in sec["rows"] if r["variant"] == "sdpa_flash" and "error" not in r), None)
         for r in sec["rows"]:
             if "error" in r:
-                lines.append(f"| {name} | {r['variant']} | ERROR: {r['error'][:120]} |" + " |" * 10)
+                lines.append(f"| {name} | {r['variant']} | ERROR: {r['error'][:120]} |" + " |" * 11)
                 continue
             a, b = r["acc"].get("rand", {}), r["acc"].get("kbias", {})
             x = f"{base['total_ms'] / r['total_ms']:.2f}" if base else ""
             lines.append(f"| {name} | {r['variant']} | {r.get('config', '')} | {r['kernel_ms']} | "
-                         f"{r.get('quant_ms', '')} | {r['total_ms']} | {r['tflops']} | {x} | "
+                         f"{r.get('quant_ms', '')} | {r.get('quant_q_ms', '')} | {r['total_ms']} | "
+                         f"{r['tflops']} | {x} | "
                          f"{r.get('extra_gib', '')} | {a.get('cos', '')} | {a.get('rel', '')} | {b.get('cos', '')} | "
                          f"{b.get('rel', '')} |")
     lines += sustained_table(report)
+    lines += producer_table(report)
     lines += ["", "## Config sweeps (kernel alone, ms)", ""]
     for name, sec in report["shapes"].items():
         for r in sec["rows"]:
