@@ -459,8 +459,8 @@ if triton is not None:
         if TMA:
             q = Q.load([b32 * Lq + pid_m * BLOCK_M, h * D])  # rows past Lq: the next batch's or zeros, not stored
         else:
-            # rows past Lq are left undefined: their scale is 0 and they are not stored
-            q = tl.load(Q + ((b * Lq + offs_m[:, None]) * H + h) * D + offs_d[None, :], mask=offs_m[:, None] < Lq)
+            q = tl.load(Q + ((b * Lq + offs_m[:, None]) * H + h) * D + offs_d[None, :], mask=offs_m[:, None] < Lq,
+                        other=0.0)
         qs = tl.load(QS + (b * Lq + offs_m) * H + h, mask=offs_m < Lq, other=0.0)  # rows past Lq: scores 0
         KS = KS + bh * (Lk_pad // SCALE_BLOCK)
         k_row = bh32 * Lk_pad
