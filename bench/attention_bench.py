@@ -21,7 +21,8 @@ backend) on two input sets: randn q, k, v ('rand') and the same with a strong pe
 2 s with nvidia-smi's power draw and SM clock sampled meanwhile (`wanrt.bench.gpu_power`): the 'Sustained load'
 table. For the self-attention shapes, Q's producer (`qk_norm_rope` on the q projection [B, L, H*D], RMSNorm and RoPE)
 is timed with a bf16 output and with the quantized Q each QK dtype takes: the 'Q's producer' table sets what the
-quantized output adds there against the Q pass it saves. Each variant runs in its own try/except: a failure is recorded and the run goes on.
+quantized output adds there against the Q pass it saves. Each variant runs in its own try/except: a failure is
+recorded and the run goes on.
 Writes <out>/attention_bench.json and .md (after every shape; `_shapes0-3` appended when --shapes picks a subset) and
 prints the table. The full run compiles ~60 kernel variants; split it with --shapes to stay within a time limit.
 """
@@ -182,7 +183,8 @@ def run_mode(mode, shape, sets, refs, sweep: list[A.AttnConfig]) -> dict:
     acc = {tag: accuracy(A.attention_quantized(*sets[tag], mode, best), refs[tag]) for tag in sets}
     return {"variant": mode, "config": best_name, "default_config": default.describe(),
             "default_kernel_ms": timed.get(default.describe()), "kernel_ms": kernel_ms, "quant_ms": quant_ms,
-            "quant_q_ms": quant_q_ms, "total_ms": total_ms, "tflops_kernel": tflops(shape, kernel_ms), "tflops": tflops(shape, total_ms),
+            "quant_q_ms": quant_q_ms, "total_ms": total_ms, "tflops_kernel": tflops(shape, kernel_ms),
+            "tflops": tflops(shape, total_ms),
             "extra_gib": peak_extra_gib(lambda: A.attention_quantized(q, k, v, mode, best)), "acc": acc,
             "sustained": load, "sweep": results, "sweep_cos": cos}
 
@@ -290,7 +292,8 @@ def producer_table(report: dict) -> list[str]:
              "The DiT's query for a quantized mode comes from qk_norm_rope already quantized as the kernel reads it "
              "(per token and head, softmax scale folded in), so the attention skips its pass over Q ('Q quant'). "
              "Saved = Q quant - (quantized - bf16).", "",
-             "| shape | mode | producer, bf16 out | producer, quantized out | Q quant | saved |", "|---|---|---|---|---|---|"]
+             "| shape | mode | producer, bf16 out | producer, quantized out | Q quant | saved |",
+             "|---|---|---|---|---|---|"]
     for name, sec in report["shapes"].items():
         ms = sec.get("producer_ms", {})
         for r in sec["rows"]:

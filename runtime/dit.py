@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.attention import QK_DTYPE, attention, quantizes_query
+from ..kernels.attention import QK_DTYPE, QuantizedQ, attention, quantizes_query
 from ..kernels.norm_modulate import norm_modulate
 from ..kernels.qk_norm_rope import qk_norm_rope
 from ..quant import qdq
@@ -103,7 +103,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 
 
 def qk(h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w: Weights, attn: str, proj: str,
-       rope: tuple[torch.Tensor, torch.Tensor] | None, cfg: DiTConfig, attention_mode: str = "sdpa") -> torch.Tensor:
+       rope: tuple[torch.Tensor, torch.Tensor] | None, cfg: DiTConfig,
+       attention_mode: str = "sdpa") -> torch.Tensor | QuantizedQ:
     """Query or key: projection, RMSNorm over the whole width in fp32, RoPE if given; [B, L, H, D] in the weight
     dtype (one fused pass after the GEMM on GPUs). A query for an `attention_mode` that runs a quantized kernel comes
     quantized in the form that kernel reads (a QuantizedQ), so the attention skips its pass over Q."""
