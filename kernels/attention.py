@@ -1,4 +1,4 @@
-"""Quantized self/cross-attention for the Wan DiT: per-block FP8 (or INT8) Q and K with smoothed K, and FP8 or 16-bit
+"""Quantized self/cross-attention for the Wan DiT: FP8 (or INT8) Q per token and smoothed K per block, and FP8 or 16-bit
 P·V, in one flash-attention style Triton kernel. Non-causal, no mask; [B, L, H, D] in, [B, Lq, H*D] out (as
 `wanrt.runtime.dit.attention`).
 
@@ -83,7 +83,7 @@ HEAD_DIMS = (32, 64, 128, 256)  # powers of two (tl.arange) and multiples of 32 
 FP8_MAX = QMAX[torch.float8_e4m3fn]
 LOG2E = 1.4426950408889634
 P_LOG2_FP8 = 8.0  # 'fp8': P = 2^(S - m + 8) <= 256 < 448; exact powers of two keep the cast from overflowing
-SCALE_BLOCK = 128  # tokens per Q/K scale
+SCALE_BLOCK = 128  # tokens per K scale
 PV_GROUP = 16  # tokens per group of the P·V key order
 Q_ROWS = 64  # tokens per program of `quantize_q` (Q's scales are per token: any block works)
 

@@ -60,7 +60,7 @@ def available() -> bool:
 
 
 def supports(head_dim: int, block: int) -> bool:
-    """Whether this kernel runs Q/K scale blocks of `block` tokens at `head_dim` (and Gluon is there)."""
+    """Whether this kernel runs K scale blocks of `block` tokens at `head_dim` (and Gluon is there)."""
     return available() and head_dim == 128 and block % BLOCK_N == 0
 
 

@@ -1,15 +1,16 @@
 """Quantized attention (kernels/attention.py): the Triton kernels run on the CPU under TRITON_INTERPRET=1 (conftest sets
 it when there is no CUDA). Fresh random inputs every run (no fixed seed); small shapes with query and key tails, small
-tiles (BLOCK_M = BLOCK_N = 32) and 32-token scale blocks so that every path (full key blocks, tail block, several scale
-blocks per head, padded query rows) runs in a few seconds.
+tiles (BLOCK_M = BLOCK_N = 32) and 32-token K scale blocks so that every path (full key blocks, tail block, several
+scale blocks per head, query rows past Lq) runs in a few seconds.
 
 Tolerances, as ||out - ref|| / ||ref|| against fp32 SDPA on the same bf16 inputs. e4m3 keeps 3 mantissa bits: every
 rounding is off by up to 2^-4 relative (about 2.5% rms), and the errors of q, k, P and v add in quadrature; int8 with a
-scale per block is about 3x finer on Gaussian inputs. Measured over many runs (D = 64 and 128, Lq = 70, Lk = 45):
-fp8 0.044-0.052, int8_fp8pv 0.031-0.036, fp8_bf16pv 0.032-0.040, int8 0.010-0.012. Bounds have ~1.5x margin; cosine
-similarity must exceed 0.99 in every mode (measured >= 0.9987). Against `attention_quantized_ref` (same quantized
-inputs, exact softmax) the kernel differs only by the rounding of P: < 0.045 with fp8 P (measured <= 0.026), < 0.01 with
-16-bit P (measured ~0.002). On a CUDA machine the same tests run compiled on the GPU (modes and TMA it lacks skipped).
+scale per token (Q) or block (K) is about 3x finer on Gaussian inputs. Measured over 12 runs with Q's per-token scales
+(D = 64 and 128, Lq = 70, Lk = 45): fp8 0.043-0.050, int8_fp8pv 0.031-0.035, fp8_bf16pv 0.031-0.038, int8
+0.009-0.011. Bounds have ~1.5x margin; cosine similarity must exceed 0.99 in every mode (measured >= 0.9988). Against
+`attention_quantized_ref` (same quantized inputs, exact softmax) the kernel differs only by the rounding of P: < 0.045
+with fp8 P (measured <= 0.021), < 0.01 with 16-bit P (measured ~0.002). On a CUDA machine the same tests run compiled
+on the GPU (modes and TMA it lacks skipped).
 """
 import dataclasses
 
