@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from wanrt.bench.common import random_state
-from wanrt.export.tiny_tokenizer import write_tiny_tokenizer
+from wanrt.testing.tiny_tokenizer import write_tiny_tokenizer
 from wanrt.runtime.config import get_variant
 
 

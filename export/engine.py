@@ -20,11 +20,11 @@ from tqdm import tqdm
 import wanrt
 from wanrt.quant.formats import QUANTIZED_LINEARS, SCHEMES, quantize_block
 from wanrt.quant.linear import linear_error_report
+from wanrt.runtime.atomic import atomic_dir
 from wanrt.runtime.checkpoint import open_checkpoint
 from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_engine, sha256_all, variant_to_json
 from wanrt.runtime.stream import split_blocks
 
-from .random_checkpoint import _jsonable, atomic_dir
 
 FIDELITY_TOKENS = 256  # random activations per linear for the recorded error (cheap on a CPU at full width)
 
@@ -111,7 +111,7 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
         variant = variant_to_json(_with_quant(v, scheme))
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wanrt_version": wanrt.__version__,
-            "variant": _jsonable(variant), "source": {"path": str(Path(model).name), "layout": ckpt.layout},
+            "variant": variant, "source": {"path": str(Path(model).name), "layout": ckpt.layout},
             "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text": "as in the checkpoint",
                         "vae": "as in the checkpoint"},
             "attention": v.dit.attention, "backends": compiled.pop("backends"), "fidelity": report, **compiled,

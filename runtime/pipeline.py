@@ -29,6 +29,9 @@ from .vae import WanVAE
 from .video import to_uint8_frames, write_mp4
 
 FPS = 16
+# A Wan2.1-architecture model of our own, trained on procedural shape videos (training/train_demo.py); what `wanrt
+# generate` and `wanrt.load()` run when given no model. docs/demo-model.md says how it was trained and how it does.
+DEMO_MODEL = Path(__file__).with_name("demo_model")
 
 
 @dataclass
@@ -400,12 +403,13 @@ def i2v_latent_size(hw: tuple[int, int], max_area: int, stride, patch) -> tuple[
     return lat_h, lat_w
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+def load(path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          vram_budget: int | None = None, ram_budget: int | None = None,
          vae_dtype: torch.dtype | None = None) -> WanPipeline:
-    """`wanrt.load(dir)`: open an official or diffusers Wan2.1 checkpoint, or an engine, and build its pipeline.
-    Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is available minus 2 GiB."""
-    return WanPipeline(open_source(path), device, dtype, vram_budget, ram_budget, vae_dtype)
+    """`wanrt.load(dir)`: open an official or diffusers Wan2.1 checkpoint, or an engine (None: the embedded demo
+    model), and build its pipeline. Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is
+    available minus 2 GiB."""
+    return WanPipeline(open_source(DEMO_MODEL if path is None else path), device, dtype, vram_budget, ram_budget, vae_dtype)
 
 
 def open_source(path: str | Path):

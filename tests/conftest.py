@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from wanrt.export.random_checkpoint import convert_to_official, write_random_checkpoint  # noqa: E402
+from wanrt.testing.random_checkpoint import convert_to_official, write_random_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

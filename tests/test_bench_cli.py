@@ -6,7 +6,7 @@ import pytest
 
 from wanrt.bench.link import LinkEmulator
 from wanrt.bench.report import validate
-from wanrt.runtime.cli import main, parse_budgets
+from wanrt.cli import main, parse_budgets
 
 pytest.importorskip("diffusers")
 

@@ -3,7 +3,7 @@ those, on the plan of the embedded demo model."""
 import wanrt
 import pytest
 
-from wanrt.bench.demo_check import LAT, SETTINGS, STEPS, forced_streaming, smallest_budget
+from experiments.demo_check import LAT, SETTINGS, STEPS, forced_streaming, smallest_budget
 from wanrt.runtime.plan import PlanError
 
 

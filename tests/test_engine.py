@@ -12,8 +12,8 @@ import pytest
 import wanrt
 from wanrt.export.engine import export_engine
 from wanrt.quant.formats import SCHEMES
-from wanrt.runtime import DEMO_MODEL
-from wanrt.runtime.cli import main
+from wanrt.runtime.pipeline import DEMO_MODEL
+from wanrt.cli import main
 from wanrt.runtime.engine import EngineError, open_engine
 from wanrt.runtime.pipeline import WanPipeline
 

@@ -4,7 +4,7 @@ the same inputs."""
 import json
 import sys
 
-from wanrt.bench import export_bench
+from experiments import export_bench
 from wanrt.quant.formats import SCHEMES
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import wanrt
-from wanrt.runtime.cli import main
+from wanrt.cli import main
 from wanrt.runtime.video import read_mp4
 
 PROMPT = "a red circle moves right on a blue background"

@@ -1,8 +1,8 @@
 """bench/gpu_power.py's parsing of nvidia-smi samples, and the attention bench's sustained-load table (no GPU)."""
 import random
 
-from wanrt.bench.attention_bench import sustained_table
-from wanrt.bench.gpu_power import PowerSampler
+from experiments.attention_bench import sustained_table
+from experiments.gpu_power import PowerSampler
 
 
 def sampler_with(lines):

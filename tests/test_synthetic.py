@@ -3,7 +3,7 @@ procedural video for what its prompt says, and rejects the wrong colour or direc
 import numpy as np
 import pytest
 
-from wanrt.export.synthetic import MOTIONS, PALETTE, check, parse_prompt, random_scene, render
+from training.synthetic import MOTIONS, PALETTE, check, parse_prompt, random_scene, render
 
 SEEDS = range(20)
 

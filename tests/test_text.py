@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
-from wanrt.export.tiny_tokenizer import write_tiny_tokenizer
+from wanrt.testing.tiny_tokenizer import write_tiny_tokenizer
 from wanrt.runtime.config import VARIANTS, TextConfig
 from wanrt.runtime.text import (BLOCK_KEYS, Tokenizer, UMT5Encoder, clean_prompt, encode_text, mask_bias,
                                 relative_position_buckets, text_block, text_from_hf)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 import wanrt
-from wanrt.export.train_demo import demo_variant, train
+from training.train_demo import demo_variant, train
 
 
 def test_training_runs_and_writes_a_loadable_checkpoint(tmp_path):
@@ -76,8 +76,8 @@ def test_latent_shape_weights_mark_the_latent_positions_of_the_shape():
     weight where any of those pixels is the shape's, 1 elsewhere; the DiT's loss takes it with --dit-shape-weight."""
     import torch
 
-    from wanrt.export.synthetic import Scene, render
-    from wanrt.export.train_demo import latent_shape_weights, to_tensor
+    from training.synthetic import Scene, render
+    from training.train_demo import latent_shape_weights, to_tensor
 
     scene = Scene("red", "square", "moves right", "blue", ((40, 70, 220), (40, 70, 220)))
     video = to_tensor(render(scene, 17, 64, seed=3)[None], "cpu")

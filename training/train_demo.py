@@ -1,10 +1,10 @@
 """Train the embedded demo model on procedural shape videos (export/synthetic.py), reproducibly from a seed:
 
-    python -m wanrt.export.train_demo --out DIR [--device cuda] [--vae-steps N] [--dit-steps N]
+    python -m training.train_demo --out DIR [--device cuda] [--vae-steps N] [--dit-steps N]
     # or in three processes (each under a time limit), as the shipped model was (bench/results/demo_train_h100.md):
-    python -m wanrt.export.train_demo --out VAE_DIR --dit-steps 0 --decoder-steps 0
-    python -m wanrt.export.train_demo --out DIR --vae-from VAE_DIR --decoder-steps 0
-    python -m wanrt.export.train_demo --out FINAL --dit-from DIR --dit-steps 0
+    python -m training.train_demo --out VAE_DIR --dit-steps 0 --decoder-steps 0
+    python -m training.train_demo --out DIR --vae-from VAE_DIR --decoder-steps 0
+    python -m training.train_demo --out FINAL --dit-from DIR --dit-steps 0
 
 Stage 1 trains the Wan-VAE (our WanVAE at small width) as a VAE: reconstruction plus a small KL term, through the same
 causal chunked encode and decode the runtime uses. Its latent mean and std over training videos become the config's
@@ -48,9 +48,9 @@ from wanrt.runtime.sampler import default_neg_prompt
 from wanrt.runtime.text import Tokenizer, UMT5Encoder
 from wanrt.runtime.vae import CausalCache, WanVAE
 
-from .random_checkpoint import write_official
-from .synthetic import random_scene, render
-from .tiny_tokenizer import write_tiny_tokenizer
+from wanrt.testing.random_checkpoint import write_official
+from training.synthetic import random_scene, render
+from wanrt.testing.tiny_tokenizer import write_tiny_tokenizer
 
 FRAMES, SIZE = 17, 64
 VAE_FRAMES = 9

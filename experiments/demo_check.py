@@ -1,11 +1,11 @@
 """The demo model's semantic check under every engine scheme, memory plan and attention kernel (a GPU script).
 
-    python -m wanrt.bench.demo_check [--model DIR] [--schemes bf16,fp8] [--attention sdpa]
+    python -m experiments.demo_check [--model DIR] [--schemes bf16,fp8] [--attention sdpa]
                                      [--settings default,smallest,streamed,slots,chunks,text,tiles]
                                      --out DIR
 
-The demo model (the shipped one, or a checkpoint written by `python -m wanrt.export.train_demo`) is exported once
-per scheme; each engine generates the 20 fixed prompts and seeds of `wanrt.export.synthetic.evaluate` (the bf16
+The demo model (the shipped one, or a checkpoint written by `python -m training.train_demo`) is exported once
+per scheme; each engine generates the 20 fixed prompts and seeds of `training.synthetic.evaluate` (the bf16
 engine with each attention kernel this GPU supports, the others with SDPA), planned for the default VRAM budget and for the smallest
 budget the planner accepts (the budgets that exist: for this tiny model both keep everything resident). As
 diagnostics, `--settings` can also force the streaming paths only large models take (blocks through two slots,
@@ -24,10 +24,10 @@ import torch
 
 from wanrt.bench.common import gpu_info, write_report
 from wanrt.export.engine import export_engine
-from wanrt.export.synthetic import evaluate
+from training.synthetic import evaluate
 from wanrt.kernels.attention import MIN_CAPABILITY
 from wanrt.quant.formats import SCHEMES
-from wanrt.runtime import DEMO_MODEL
+from wanrt.runtime.pipeline import DEMO_MODEL
 from wanrt.runtime.engine import open_engine
 from wanrt.runtime.pipeline import WanPipeline
 from wanrt.runtime.plan import PhasePlan, Plan, PlanError
@@ -102,7 +102,7 @@ def markdown(report: dict) -> str:
     g = report["machine"]
     lines = [f"# Demo model semantic check: {g['gpu']} (torch {g['torch']})", "",
              "20 fixed prompts and seeds per row (64x64, 17 frames, 20 steps); a row passes at >= 90%. "
-             "Reproduce: `python -m wanrt.bench.demo_check`.", "",
+             "Reproduce: `python -m experiments.demo_check`.", "",
              "| scheme | attention | plan | pass rate | s | denoise phase |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         mark = "" if r["pass_rate"] >= PASS_RATE else " (below 90%)"

@@ -1,6 +1,6 @@
 """Lean-runtime benchmarks on the GPU (random weights, bf16 unless noted; every pair measured in the same run).
 
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python -m wanrt.bench.stream_bench --out bench/results/stream_h100
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python -m experiments.stream_bench --out bench/results/stream_h100
 
 Budgets are enforced by capping the caching allocator (torch.cuda.set_per_process_memory_fraction); each row reports
 max_memory_reserved and max_memory_allocated. Sections (pick with --only):
@@ -257,7 +257,7 @@ def markdown(report: dict) -> str:
     g = report["machine"]
     lines = [f"# Lean runtime benchmarks: {g['gpu']} (torch {g['torch']}, driver {g['driver']})", "",
              "Random weights, bf16, batch 1, 480p x 81 frames. CUDA-event medians after warm-up; budgets enforced by "
-             "capping the caching allocator. Reproduce: `python -m wanrt.bench.stream_bench`.", "",
+             "capping the caching allocator. Reproduce: `python -m experiments.stream_bench`.", "",
              *[f"- {name}: `{r['command']}`, started {r['started']}" for name, r in report.get("runs", {}).items()],
              "", "| what | time (ms) | max reserved (GiB) | max allocated (GiB) | note |", "|---|---|---|---|---|"]
 
@@ -320,7 +320,7 @@ def main() -> None:
     report.update(machine=gpu_info())
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
-        report.setdefault("runs", {})[name] = {"command": " ".join(["python -m wanrt.bench.stream_bench", *sys.argv[1:]]),
+        report.setdefault("runs", {})[name] = {"command": " ".join(["python -m experiments.stream_bench", *sys.argv[1:]]),
                                                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         try:
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """Attention on the GPU: SDPA (bf16) vs wanrt's quantized attention (Triton; Gluon for the fp8 P·V modes on sm_90) vs
 SageAttention (Triton).
 
-    python -m wanrt.bench.attention_bench --out bench/results/attention_h100 [--shapes 0,3] [--modes fp8,int8]
+    python -m experiments.attention_bench --out bench/results/attention_h100 [--shapes 0,3] [--modes fp8,int8]
                                           [--sweep small|full|ahead|wg1|gluon|none]
 
 Shapes (B, H, Lq, Lk, D): Wan2.1 self-attention at 480p x 81 frames (32,760 tokens) for 1.3B (12 heads) and 14B (40
@@ -18,7 +18,7 @@ Variants per shape (bf16 inputs [B, L, H, D] as the DiT makes them):
 Times are medians of triton.testing.do_bench; TFLOP/s = 4 B H Lq Lk D / t. Accuracy is against bf16 SDPA (the default
 backend) on two input sets: randn q, k, v ('rand') and the same with a strong per-channel key offset, k += 5 randn(D)
 ('K bias'), as real keys have. The SDPA backends, each mode's chosen kernel and sageattn also run back to back for
-2 s with nvidia-smi's power draw and SM clock sampled meanwhile (`wanrt.bench.gpu_power`): the 'Sustained load'
+2 s with nvidia-smi's power draw and SM clock sampled meanwhile (`experiments.gpu_power`): the 'Sustained load'
 table. For the self-attention shapes, Q's producer (`qk_norm_rope` on the q projection [B, L, H*D], RMSNorm and RoPE)
 is timed with a bf16 output and with the quantized Q each QK dtype takes: the 'Q's producer' table sets what the
 quantized output adds there against the Q pass it saves. Each variant runs in its own try/except: a failure is
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from wanrt.bench.common import GiB, gpu_info, write_report
-from wanrt.bench.gpu_power import sustained
+from experiments.gpu_power import sustained
 from wanrt.kernels import attention as A
 from wanrt.kernels.qk_norm_rope import qk_norm_rope_triton
 
@@ -268,7 +268,7 @@ def sustained_table(report: dict) -> list[str]:
     """Each variant called back to back for 2 s (kernel alone for the quantized modes), with the power draw and SM
     clock nvidia-smi reported meanwhile; 'capped' = share of samples with the software power cap holding the clock."""
     lines = ["", "## Sustained load", "",
-             "Each variant called back to back for 2 s after 1 s of warm-up (`wanrt.bench.gpu_power.sustained`; "
+             "Each variant called back to back for 2 s after 1 s of warm-up (`experiments.gpu_power.sustained`; "
              "the quantized modes: kernel alone, table or sweep config as above). W and SM MHz are medians of "
              "nvidia-smi samples every 50 ms; 'capped' is the share of samples in which the driver held the clock "
              "down to stay within the board power limit.", "",
@@ -313,7 +313,7 @@ def markdown(report: dict) -> str:
              "costs on 16-bit q; the DiT takes Q quantized from its producer, which saves 'Q quant ms'). TFLOP/s = "
              "4 B H Lq Lk D / total time. Accuracy vs bf16 SDPA: 'rand' = randn inputs, "
              f"'K bias' = keys + {KEY_BIAS} randn(D). Medians of triton.testing.do_bench. "
-             "Reproduce: `python -m wanrt.bench.attention_bench --out DIR`.", "",
+             "Reproduce: `python -m experiments.attention_bench --out DIR`.", "",
              "| shape | variant | config | kernel ms | quant ms | Q quant ms | total ms | TFLOP/s | x sdpa_flash "
              "| extra GiB | cos rand | rel rand | cos K bias | rel K bias |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """Seams of tiled VAE decoding, by how neighbouring tiles are blended (CPU, fp32; runs in about a minute).
 
-    python -m wanrt.bench.seam_bench --out bench/results/seams_cpu
+    python -m experiments.seam_bench --out bench/results/seams_cpu
 
 Two tiles side by side over an 8 x 40 latent frame (2 latent frames) of the full-size Wan2.1 VAE with random
 weights (initialised as bench/stream_bench.py's VAE rows). For each overlap (latents both tiles decode), two ways of
@@ -80,7 +80,7 @@ def main() -> None:
              f"PSNR against the untiled decode within {2 * BAND} latents around the seam of two tiles. Overlap: "
              f"latents both tiles decode. Ours: each tile drops the part of the overlap next to its edge and the "
              f"middle {TILE_BLEND} latents are cross-faded (the default overlap is {TILE_OVERLAP}). Reproduce: "
-             "`python -m wanrt.bench.seam_bench`.", "", "| overlap (latents) | linear ramp (dB) | ours (dB) |",
+             "`python -m experiments.seam_bench`.", "", "| overlap (latents) | linear ramp (dB) | ours (dB) |",
              "|---|---|---|"]
     for o in overlaps:
         lin, ours = (next(r["psnr_db"] for r in rows if r["overlap_latents"] == o and r["scheme"] == s)

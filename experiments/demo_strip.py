@@ -1,6 +1,6 @@
 """A frame strip (PNG) of one video from the embedded demo model, for the README, with the semantic check's verdict:
 
-    python -m wanrt.bench.demo_strip --out bench/results/demo_strip.png
+    python -m experiments.demo_strip --out bench/results/demo_strip.png
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 import wanrt
-from wanrt.export.synthetic import check, parse_prompt
+from training.synthetic import check, parse_prompt
 
 PROMPT = "a red circle moves right on a blue background"  # the Makefile's demo prompt
 

@@ -1,6 +1,6 @@
 """Full-size parity with diffusers on the GPU, on identical random weights (issue: faithful Wan2.1).
 
-    python -m wanrt.bench.gpu_parity --out bench/results/gpu_parity.json
+    python -m experiments.gpu_parity --out bench/results/gpu_parity.json
 
 - DiT: t2v-1.3B config, bf16, one forward at 480p x 81 frames (latents [1, 16, 21, 60, 104] = 32,760 tokens), ours vs
   diffusers' WanTransformer3DModel (bf16, its fp32-kept modules in fp32). Both are also compared with a float32

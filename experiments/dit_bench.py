@@ -2,7 +2,7 @@
 time, and what they cost in accuracy. t2v-1.3B at 480p x 81 frames (32,760 tokens), every block resident, random
 weights, every row measured in the same run.
 
-    python -m wanrt.bench.dit_bench --out bench/results/dit_h100
+    python -m experiments.dit_bench --out bench/results/dit_h100
 
 Rows: bf16 through the plain-PyTorch ops (`reference_only`), bf16 with the fused kernels, each GEMM scheme, each
 attention mode, and the fastest combination. Accuracy, each against bf16 with the fused kernels:
@@ -192,7 +192,7 @@ def markdown(report: dict) -> str:
              "t2v-1.3B, 480p x 81 frames (32,760 tokens), all blocks resident, random weights, CUDA-event medians. "
              "Errors are relative (norm) against bf16 with the fused kernels. Max allocated includes the bf16 "
              "blocks every row keeps for comparison (quantized rows hold both). Reproduce: "
-             "`python -m wanrt.bench.dit_bench`.", "",
+             "`python -m experiments.dit_bench`.", "",
              "| variant | forward (ms) | vs bf16 fused | max allocated (GiB) | velocity rel. err | latents after 4 "
              "steps rel. err |", "|---|---|---|---|---|---|"] if report["rows"] else [
              f"# Attention on captured q, k, v: {g['gpu']} (torch {g['torch']}, triton {g['triton']})", "",
@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--attention-only", action="store_true",
                     help="only the attention modes on the captured q, k, v (one bf16 forward)")
     args = ap.parse_args()
-    command = "python -m wanrt.bench.dit_bench" + (" --attention-only" if args.attention_only else "")
+    command = "python -m experiments.dit_bench" + (" --attention-only" if args.attention_only else "")
     report = {"machine": gpu_info(), "command": command, "shape": list(LAT_480P)}
     with torch.no_grad():
         run(report, args.runs, args.attention_only)

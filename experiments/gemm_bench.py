@@ -2,7 +2,7 @@
 
 Our fp8 / int8 / w8a16 Triton kernels against cuBLAS bf16, torch._scaled_mm and the quantization libraries:
 
-    python -m wanrt.bench.gemm_bench --out bench/results/gemm_h100 [--shapes 0,1] [--no-sweep] [--peers ...]
+    python -m experiments.gemm_bench --out bench/results/gemm_h100 [--shapes 0,1] [--no-sweep] [--peers ...]
 
 For each shape and each of our modes a small sweep over block configs runs first (every candidate is checked for
 NaNs and accuracy, then timed); the winner is timed again with the per-token activation quantization included, and
@@ -306,7 +306,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Quantized GEMMs: {m['gpu']} (torch {m['torch']}, triton {m['triton']})", "",
              "M tokens x K -> N, bias on; do_bench medians; TFLOP/s counts 2MNK; rel err against bf16 F.linear "
              "(+ tanh-GELU for the GELU rows); kernel err against an fp32 GEMM of the same quantized operands. "
-             "Reproduce: `python -m wanrt.bench.gemm_bench`.", ""]
+             "Reproduce: `python -m experiments.gemm_bench`.", ""]
     for sh in report["shapes"]:
         bf16 = next((r["ms"] for r in sh["rows"] if r["name"] == "bf16 F.linear (cuBLAS)" and "ms" in r), None)
         lines += [f"## M={sh['M']} K={sh['K']} N={sh['N']}", "",

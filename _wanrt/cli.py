@@ -7,8 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import DEMO_MODEL
-from .sampler import SOLVERS
+from wanrt.runtime.sampler import SOLVERS
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
           "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -28,15 +27,17 @@ def parse_bytes(text: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .pipeline import load
+    from wanrt.runtime.pipeline import load
 
     if args.engine is not None:
-        from .engine import is_engine
+        from wanrt.runtime.engine import is_engine
 
         if not is_engine(args.engine):
             raise ValueError(f"{args.engine} is not an engine (no manifest.json): `wanrt export` writes one")
         args.model = args.engine
     if args.model is None:
+        from wanrt.runtime.pipeline import DEMO_MODEL
+
         args.model = DEMO_MODEL
         print("no --model: the embedded demo model (coloured shapes moving, 64x64, 17 frames)")
     if args.image is not None and not Path(args.image).is_file():
@@ -57,7 +58,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     if args.verify:
-        from .engine import open_engine
+        from wanrt.runtime.engine import open_engine
 
         engine = open_engine(args.verify)
         m = engine.manifest
@@ -71,7 +72,7 @@ def _export(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     latents = None
     if args.size:
-        from .pipeline import parse_size
+        from wanrt.runtime.pipeline import parse_size
 
         w, h = parse_size(args.size)
         latents = ((args.frame_num - 1) // 4 + 1, h // 8, w // 8)
@@ -82,7 +83,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _random_checkpoint(args: argparse.Namespace) -> None:
-    from wanrt.export.random_checkpoint import write_random_checkpoint
+    from wanrt.testing.random_checkpoint import write_random_checkpoint
 
     out = write_random_checkpoint(args.out, args.variant, layout=args.layout, seed=args.seed)
     print(f"wrote a random-weight {args.variant} checkpoint ({args.layout} layout) to {out}")

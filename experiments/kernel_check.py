@@ -1,7 +1,7 @@
 """The quantized kernels checked at the Wan shapes on a GPU: the full-size twin of the CPU tests (which run them on
 small shapes under TRITON_INTERPRET=1). Fresh random inputs every run, every output buffer NaN-filled first.
 
-    python -m wanrt.bench.kernel_check --out bench/results/kernel_check_h100 [--small]
+    python -m experiments.kernel_check --out bench/results/kernel_check_h100 [--small]
 
   activation quantization  quantize_rows_triton against quantize_rows_reference at each GEMM input shape
   GEMMs     scaled_mm_triton with the table's config (what the DiT runs) against an fp32 GEMM of the same quantized
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from wanrt.bench.common import gpu_info, write_report
-from wanrt.bench.gemm_bench import SHAPES
+from experiments.gemm_bench import SHAPES
 from wanrt.kernels import attention as A
 from wanrt.kernels.quantize import quantize_rows_reference, quantize_rows_triton, quantize_weight
 from wanrt.kernels.scaled_gemm import scaled_mm_reference, scaled_mm_triton
@@ -121,7 +121,7 @@ def markdown(report: dict) -> str:
              "Relative errors against each kernel's reference on the same quantized inputs; for the quantization rows "
              "the share of codes that differ from the reference's (bound 1e-4, each by one step at most, scales "
              "within 1e-6). Bounds: GEMMs 5e-3, attention 0.045 (fp8 P) or 0.01. "
-             "Reproduce: `python -m wanrt.bench.kernel_check`.", "", "| check | relative error | ok |", "|---|---|---|"]
+             "Reproduce: `python -m experiments.kernel_check`.", "", "| check | relative error | ok |", "|---|---|---|"]
     lines += [f"| {r['check']} | {r['error']:.2e} | {'yes' if r['ok'] else '**no**'} |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
 

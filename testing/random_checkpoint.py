@@ -11,32 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from wanrt.runtime.atomic import atomic_dir
 from wanrt.runtime.checkpoint import OFFICIAL_FILES, open_checkpoint
 from wanrt.runtime.config import CLIPConfig, TextConfig, Variant, VAEConfig, get_variant
 
 from .tiny_tokenizer import write_tiny_tokenizer
-
-
-@contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary sibling folder that replaces `out` only if the block succeeds."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def random_states(variant: Variant, seed: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,6 +1,6 @@
 """Export benchmarks on the GPU: what `wanrt export` costs and what its compiled engine gains (random weights).
 
-    python -m wanrt.bench.export_bench --work /tmp/wanrt-export --out bench/results/export_h100 [--backend compile]
+    python -m experiments.export_bench --work /tmp/wanrt-export --out bench/results/export_h100 [--backend compile]
 
 Sections (pick with --only; engines stay in --work between runs, so sections can run in separate processes):
   export   writes the checkpoint in the official layout (the released file names and formats: bf16 DiT
@@ -47,7 +47,7 @@ def _engine_size(root: Path) -> dict:
 def bench_export(report: dict, work: Path, device: str, save, variant: str, schemes=SCHEMES) -> None:
     from wanrt.bench.random_source import RandomSource
     from wanrt.export.engine import export_engine
-    from wanrt.export.random_checkpoint import write_official
+    from wanrt.testing.random_checkpoint import write_official
 
     out = report["export"] = {**report.get("export", {}), "variant": variant}  # rows of other schemes (--merge) stay
     src = RandomSource(variant)
@@ -119,7 +119,7 @@ def bench_startup(report: dict, work: Path, device: str, save, runs: int = 2) ->
             with tempfile.TemporaryDirectory() as tmp:
                 caches = {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
                 t0 = time.time()
-                subprocess.run([sys.executable, "-m", "wanrt.bench.export_bench", "--first-step",
+                subprocess.run([sys.executable, "-m", "experiments.export_bench", "--first-step",
                                 str(work / f"engine_{name}"), "--t0", repr(t0), "--marks", f"{tmp}/marks.json",
                                 "--device", device], env={**os.environ, **caches}, check=True)
                 marks = json.loads(Path(f"{tmp}/marks.json").read_text())
@@ -165,7 +165,7 @@ SECTIONS = {"export": bench_export, "startup": bench_startup, "block": bench_blo
 def markdown(report: dict) -> str:
     g = report["machine"]
     lines = [f"# Export benchmarks: {g['gpu']} (torch {g['torch']}, triton {g['triton']})", "",
-             "Random weights. Reproduce: `python -m wanrt.bench.export_bench` (bench/export_bench.py "
+             "Random weights. Reproduce: `python -m experiments.export_bench` (experiments/export_bench.py "
              "says what each section does). Files are in the page cache.", ""]
     if "export" in report:
         e = report["export"]
@@ -233,7 +233,7 @@ def main() -> None:
                                                                       "triton": "-"})
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
-        command = " ".join(["python -m wanrt.bench.export_bench", *sys.argv[1:]])
+        command = " ".join(["python -m experiments.export_bench", *sys.argv[1:]])
         runs = report.setdefault("runs", {}).get(name, [])  # with --merge: every run behind the section's rows
         report["runs"][name] = [*([runs] if isinstance(runs, dict) else runs), {
             "command": command, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}]
