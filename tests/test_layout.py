@@ -1,6 +1,7 @@
 """The repository's layout: run from its root (as README's `python -m ...` commands are), no folder of ours shadows an
 installed package, and the wheel holds the product only."""
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,8 +43,11 @@ def test_python_m_wanrt_from_the_root():
 
 @pytest.mark.slow
 def test_wheel_ships_the_product_only(tmp_path):
+    # From a copy: setuptools builds in the source tree, and a build/ folder left there would hold stale files
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", "results"))
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("wanrt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
