@@ -1,12 +1,13 @@
-"""Video I/O: H.264 mp4 written atomically (temp file in the same folder, then rename), and read back for tests."""
+"""Video I/O: H.264 mp4 written atomically (runtime/atomic.py) and deterministically, and read back for tests."""
 from __future__ import annotations
 
-import os
-import uuid
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_file
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -16,31 +17,28 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16, crf: int = 18) -> Path:
-    """Encode [F, H, W, 3] uint8 frames as H.264 (yuv420p) to `path`; a failure leaves no partial file behind."""
-    path = Path(path)
+    """Encode [F, H, W, 3] uint8 frames as H.264 (yuv420p) to `path` (.mp4); a failure leaves no partial file behind.
+    The same frames always give the same bytes: x264's macroblock-tree rate control is off (with it on, even in one
+    thread, two encodes of the same frames often differed in a third of their decoded pixels), and every frame
+    carries its timestamp."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be [F, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"H.264 yuv420p needs even height and width, got {frames.shape[2]}x{frames.shape[1]}")
     import av  # here, not at import: GPU hosts without PyAV can still run everything but the mp4 writer
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name that the encoder creates itself, so the video gets the usual permissions (mkstemp's are 0600)
-    tmp = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}.mp4.part")
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
+    with atomic_file(path, ".mp4") as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
+            for i, frame in enumerate(frames):
+                f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                f.pts, f.time_base = i, Fraction(1, fps)
+                container.mux(stream.encode(f))
             container.mux(stream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:
