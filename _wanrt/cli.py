@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import signal
 import sys
 import time
 from pathlib import Path
 
-from wanrt.runtime.sampler import SOLVERS
+from wanrt.runtime.options import SOLVERS
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
           "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -27,8 +28,15 @@ def parse_bytes(text: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from wanrt.runtime.pipeline import load
+    """Every check that needs no model runs first: the output path, the device, the engine's files and the weights'
+    shapes (from file headers), the request and the image; only then are weights read."""
+    from wanrt.runtime.atomic import check_output_file
+    from wanrt.runtime.options import check_image, check_request
 
+    check_output_file(args.out, ".mp4")
+    from wanrt.runtime.pipeline import DEMO_MODEL, WanPipeline, open_source, resolve_device
+
+    device = resolve_device(args.device)
     if args.engine is not None:
         from wanrt.runtime.engine import is_engine
 
@@ -36,21 +44,24 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.engine} is not an engine (no manifest.json): `wanrt export` writes one")
         args.model = args.engine
     if args.model is None:
-        from wanrt.runtime.pipeline import DEMO_MODEL
-
         args.model = DEMO_MODEL
         print("no --model: the embedded demo model (coloured shapes moving, 64x64, 17 frames)")
-    if args.image is not None and not Path(args.image).is_file():
-        raise ValueError(f"cannot read image {args.image}: no such file")
+    request = dict(size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
+                   sample_shift=args.sample_shift, sample_guide_scale=args.sample_guide_scale,
+                   sample_solver=args.sample_solver, base_seed=args.base_seed)
     start = time.perf_counter()
-    pipe = load(args.model, device=args.device, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
+    print(f"opening {args.model}", flush=True)
+    source = open_source(args.model, args.trust_engine)
+    if args.image is not None:
+        check_image(args.image)
+    check_request(source.variant, image=args.image, prompt=args.prompt, neg_prompt=args.neg_prompt, **request)
+    print("loading the weights", flush=True)
+    pipe = WanPipeline(source, device, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
     if args.plan:
         print(pipe.describe_plan(args.size, args.frame_num, args.sample_steps, args.image))
         return
-    video = pipe.generate(
-        args.prompt, image=args.image, size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
-        sample_shift=args.sample_shift, sample_guide_scale=args.sample_guide_scale, sample_solver=args.sample_solver,
-        base_seed=args.base_seed, neg_prompt=args.neg_prompt)
+    video = pipe.generate(args.prompt, image=args.image, neg_prompt=args.neg_prompt, **request)
+    print(f"writing {args.out}", flush=True)
     out = video.save(args.out)
     f, h, w, _ = video.frames.shape
     print(f"wrote {out} ({f} frames, {w}x{h}, {video.fps} fps, seed {video.seed}) in {time.perf_counter() - start:.1f} s")
@@ -62,8 +73,11 @@ def _export(args: argparse.Namespace) -> None:
 
         engine = open_engine(args.verify)
         m = engine.manifest
-        print(f"{args.verify}: ok ({len(m['files'])} files verified; {engine.variant.name}, DiT blocks "
-              f"{m['schemes']['dit_blocks']}, wanrt {m['wanrt_version']}, format {m['format_version']})")
+        trust = "exported on this machine (trusted)" if engine.trusted else "not exported here: its compiled " \
+            "blocks, if any, run only with --trust-engine"
+        print(f"{args.verify}: ok ({len(m['files'])} files verified, weights match the configs; {engine.variant.name}, "
+              f"DiT blocks {m['schemes']['dit_blocks']}, wanrt {m['wanrt_version']}, format {m['format_version']}; "
+              f"{trust})")
         return
     if args.model is None or args.out is None:
         raise ValueError("export needs --model CKPT_DIR and --out ENGINE_DIR (or --verify ENGINE_DIR)")
@@ -72,19 +86,27 @@ def _export(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     latents = None
     if args.size:
-        from wanrt.runtime.pipeline import parse_size
+        from wanrt.runtime.options import MAX_FRAMES, check_int, parse_size
 
         w, h = parse_size(args.size)
+        check_int("frame_num", args.frame_num, 1, MAX_FRAMES)
         latents = ((args.frame_num - 1) // 4 + 1, h // 8, w // 8)
     backends = tuple(b for b in (args.backends or "").split(",") if b)
-    out = export_engine(args.model, args.out, args.scheme, progress=True, backends=backends, latents=latents)
+    print(f"exporting {args.model} to {args.out} ({args.scheme})", flush=True)
+    out = export_engine(args.model, args.out, args.scheme, progress=True, backends=backends, latents=latents,
+                        overwrite=args.overwrite)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"wrote engine {out} ({args.scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
 
 def _random_checkpoint(args: argparse.Namespace) -> None:
+    from wanrt.runtime.atomic import check_output_dir
+
+    check_output_dir(args.out, overwrite=False, ours=lambda p: False)  # before making any weights
+    from wanrt.runtime.config import get_variant
     from wanrt.testing.random_checkpoint import write_random_checkpoint
 
+    get_variant(args.variant)
     out = write_random_checkpoint(args.out, args.variant, layout=args.layout, seed=args.seed)
     print(f"wrote a random-weight {args.variant} checkpoint ({args.layout} layout) to {out}")
 
@@ -128,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ram-budget", type=parse_bytes, help="host RAM for pinned weights, e.g. 16GiB (default: "
                    "available RAM minus 2 GiB); blocks beyond it are streamed from memory-mapped files")
     g.add_argument("--plan", action="store_true", help="print the memory plan and exit without generating")
-    g.add_argument("--out", default="video.mp4", help="output mp4 (written atomically)")
+    g.add_argument("--trust-engine", action="store_true", help="run an engine's compiled blocks (native code) even "
+                   "though it was not exported on this machine; only for engines from someone you trust")
+    g.add_argument("--out", default="video.mp4", help="output .mp4 (written atomically)")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="latency and memory per phase and VRAM budget, with peers in the same run")
@@ -155,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write an engine: quantized, sharded per block, hashed")
     e.add_argument("--model", help="official or diffusers Wan2.1 checkpoint directory")
-    e.add_argument("--out", help="engine directory to write (replaced atomically at the end)")
+    e.add_argument("--out", help="engine directory to write: new or empty (written atomically at the end)")
+    e.add_argument("--overwrite", action="store_true", help="replace an engine already at --out (only an engine "
+                   "folder that wanrt wrote, holding nothing else, is ever replaced)")
     e.add_argument("--scheme", default="bf16", help="DiT block weights: bf16 (as in the checkpoint), fp8, int8, "
                    "w8a16")
     e.add_argument("--backends", help="compiled block graphs, comma-separated: inductor (AOTInductor package), "
@@ -170,23 +196,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--variant", default="tiny-t2v")
     r.add_argument("--layout", choices=("official", "diffusers"), default="official")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="a new or empty folder")
     r.set_defaults(func=_random_checkpoint)
     return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every temporary output is cleaned up on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv[1:]  # after the subcommand: reports record how they were made
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
-    except ValueError as e:  # user errors (bad flags, bad checkpoints) get one line, not a traceback
+    except ValueError as e:  # user errors (bad flags, input, checkpoints, outputs) get one line, not a traceback
         print(f"wanrt: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("wanrt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"wanrt: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was written",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        from wanrt.runtime.pipeline import GenerationError
+
+        if not isinstance(e, (GenerationError, OSError)):
+            raise
+        print(f"wanrt: error: {e}", file=sys.stderr)  # a run that failed, not a bug: one line too
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

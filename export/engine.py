@@ -3,7 +3,9 @@
 The DiT's blocks are quantized per the scheme (quant/formats.py); everything else is stored as the checkpoint holds it,
 so a bf16 engine generates exactly what its checkpoint does. The engine is built in a temporary folder next to the
 destination and renamed into place only when complete: an interrupted export leaves no half-written engine, and
-running it again starts over. Loading never unpickles: every file is safetensors or JSON.
+running it again starts over. An existing folder is only replaced with `overwrite`, and only if it is an engine of
+ours. Weights and configs are safetensors and JSON; compiled blocks are native code, which runs only where it is
+trusted (runtime/trust.py).
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from tqdm import tqdm
 import wanrt
 from wanrt.quant.formats import QUANTIZED_LINEARS, SCHEMES, quantize_block
 from wanrt.quant.linear import linear_error_report
-from wanrt.runtime.atomic import atomic_dir
+from wanrt.runtime.atomic import atomic_dir, check_output_dir
 from wanrt.runtime.checkpoint import open_checkpoint
-from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_engine, sha256_all, variant_to_json
+from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_own_engine, sha256_all, variant_to_json
+from wanrt.runtime.trust import manifest_digest, record_trust
 from wanrt.runtime.stream import split_blocks
 
 
@@ -66,9 +69,11 @@ BACKENDS = ("inductor", "compile", "onnx", "tensorrt")
 
 
 def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True,
-                  backends: tuple[str, ...] = (), latents: tuple[int, int, int] | None = None) -> Path:
-    """Write the engine of checkpoint `model` to `out` (replacing an engine already there). `backends` adds compiled
-    block graphs for latents of (frames, height, width) (default: the variant's first size, 81 frames)."""
+                  backends: tuple[str, ...] = (), latents: tuple[int, int, int] | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write the engine of checkpoint `model` to `out`: a new or empty folder, or with `overwrite` an engine written
+    before (runtime/atomic.py). `backends` adds compiled block graphs for latents of (frames, height, width)
+    (default: the variant's first size, 81 frames). The engine is recorded as trusted on this machine."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if unknown := set(backends) - set(BACKENDS):
@@ -82,13 +87,11 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
     if scheme != "bf16" and (bf16_only := [b for b in backends if b != "onnx"]):
         raise ValueError(f"the {', '.join(bf16_only)} backend(s) export bf16 engines for now (a quantized scheme "
                          "has a Q/DQ graph through --backends onnx): use --scheme bf16 with them")
+    out = check_output_dir(out, overwrite, is_own_engine)  # before reading the checkpoint
     ckpt = open_checkpoint(model)
     v = ckpt.variant
-    out = Path(out)
-    if out.exists() and not is_engine(out) and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not an engine; refusing to replace it")
     start = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite, is_own_engine) as tmp:
         n = v.dit.num_layers + v.text.num_layers + 3
         with tqdm(total=n, desc=f"export {scheme}", unit="file", disable=not progress) as bar:
             dit = ckpt.dit_state()
@@ -117,6 +120,8 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             "attention": v.dit.attention, "backends": compiled.pop("backends"), "fidelity": report, **compiled,
             "files": files, "export_seconds": round(time.perf_counter() - start, 2)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        digest = manifest_digest(tmp / MANIFEST)
+    record_trust(digest, out)
     return out
 
 

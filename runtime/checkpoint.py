@@ -28,10 +28,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .clip import clip_from_hf, clip_from_official
+from .clip import CLIPVision, clip_from_hf, clip_from_official
 from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
-from .dit import dit_from_diffusers
-from .text import text_from_hf
+from .dit import WanDiT, dit_from_diffusers
+from .text import UMT5Encoder, text_from_hf
 from .vae import vae_from_diffusers
 
 OFFICIAL_FILES = {
@@ -96,20 +96,33 @@ def load_sharded(folder: Path, stem: str, mmap: bool = False) -> dict[str, torch
         return load_tensors(single, mmap)
     if not index.is_file():
         raise CheckpointError(f"checkpoint file missing: {single} (nor an index {index.name})")
-    shards = sorted(set(read_json(index)["weight_map"].values()))
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map of tensor names to shard files")
     state = {}
-    for shard in shards:
-        state.update(load_tensors(folder / shard, mmap))
+    for shard in sorted(set(weight_map.values())):
+        state.update(load_tensors(inside(folder, shard, index), mmap))
     return state
 
 
+def inside(root: Path, rel, listed_in: Path) -> Path:
+    """root / rel for a relative path that a file lists, refused if it could lead out of root (absolute, `..`)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise CheckpointError(f"{listed_in} lists {rel!r}: only paths inside {root} are allowed")
+    return root / rel
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a file; anything else is a CheckpointError naming the file."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     try:
-        return json.loads(path.read_text())
+        out = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot parse {path}: {e}") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(out).__name__}")
+    return out
 
 
 def _first_existing(folder: Path, name: str) -> Path:
@@ -173,11 +186,42 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
     if (root / "model_index.json").is_file():
-        return Checkpoint(root, "diffusers", _diffusers_variant(root))
-    if (root / "config.json").is_file():
-        return Checkpoint(root, "official", _official_variant(root))
-    raise CheckpointError(f"{root} is neither an official Wan2.1 checkpoint (config.json) nor a diffusers one "
-                          "(model_index.json)")
+        layout, read_variant, config = "diffusers", _diffusers_variant, root / "transformer" / "config.json"
+    elif (root / "config.json").is_file():
+        layout, read_variant, config = "official", _official_variant, root / "config.json"
+    else:
+        raise CheckpointError(f"{root} is neither an official Wan2.1 checkpoint (config.json) nor a diffusers one "
+                              "(model_index.json)")
+    try:
+        ckpt = Checkpoint(root, layout, read_variant(root))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{config} (or a config beside it) is malformed: {type(e).__name__}: {e}") from None
+    check_weights(ckpt)
+    return ckpt
+
+
+def check_weights(src) -> None:
+    """Every model's weights match its config, tensor for tensor and shape for shape, before anything is built or
+    allocated: the tensors come from memory maps, so only file headers are read (the VAE is checked as it loads).
+    Quantized weights keep their shapes and add a `weight_scale` each."""
+    v = src.variant
+    parts = [("DiT", WanDiT, v.dit, src.dit_state(mmap=True)), ("text encoder", UMT5Encoder, v.text,
+                                                                 src.text_state(mmap=True))]
+    if v.clip is not None:
+        parts.append(("CLIP image encoder", CLIPVision, v.clip, src.clip_state()))
+    for name, module, cfg, state in parts:
+        with torch.device("meta"):
+            want = {k: tuple(t.shape) for k, t in module(cfg).state_dict().items()}
+        got = {k: tuple(t.shape) for k, t in state.items() if not k.endswith(".weight_scale")}
+        missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        wrong = sorted(f"{k} {got[k]} (config: {want[k]})" for k in want.keys() & got.keys() if want[k] != got[k])
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"{src.root}: the {name} weights do not match its config ({cfg.num_layers} layers): "
+                + "; ".join(f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys))
 
 
 def _named_variant(dit: DiTConfig, vae: VAEConfig, text: TextConfig, clip: CLIPConfig | None) -> Variant:
@@ -198,7 +242,7 @@ def _official_variant(root: Path) -> Variant:
         vae = VAEConfig(**_tuples(extra.get("vae", {})))
         text = TextConfig(**extra.get("text", {}))
         clip = CLIPConfig(**extra.get("clip", {})) if dit.model_type == "i2v" else None
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{root / 'config.json'}: {e}") from None
     v = _named_variant(dit, vae, text, clip)
     own = extra.get("variant")  # a small model of our own names itself and its sizes and defaults

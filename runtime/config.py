@@ -7,6 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+K = 1024
+
+
+def check_bounds(cfg, limits: dict[str, int]) -> None:
+    """Sizes read from a config file are positive integers under sane limits: a typo or a hostile file must not make
+    the loader allocate without bound."""
+    for name, hi in limits.items():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be an integer in 1..{hi}, got {v!r}")
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -29,6 +40,9 @@ class DiTConfig:
     attention: str = "sdpa"  # attention kernel: sdpa or a quantized mode of kernels/attention.py
 
     def __post_init__(self):
+        check_bounds(self, {"in_dim": K, "dim": 64 * K, "ffn_dim": 256 * K, "num_heads": K, "num_layers": 256,
+                            "out_dim": K, "freq_dim": 64 * K, "text_dim": 64 * K, "text_len": 64 * K,
+                            "image_dim": 64 * K, "image_tokens": 64 * K})
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.dim % self.num_heads:
@@ -63,6 +77,12 @@ class VAEConfig:
         2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
         3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
+    def __post_init__(self):
+        check_bounds(self, {"dim": 4 * K, "z_dim": K, "num_res_blocks": 64})
+        if not 1 <= len(self.dim_mult) <= 8 or len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"VAEConfig: dim_mult {self.dim_mult} needs 1..8 levels and temperal_downsample one "
+                             f"fewer, got {self.temperal_downsample}")
+
     @property
     def stride(self) -> tuple[int, int, int]:
         """(time, height, width) compression: 4x8x8 for the Wan-VAE."""
@@ -83,6 +103,10 @@ class TextConfig:
     eps: float = 1e-6
     text_len: int = 512
 
+    def __post_init__(self):
+        check_bounds(self, {"vocab": 4 * K * K, "dim": 64 * K, "dim_attn": 64 * K, "dim_ffn": 256 * K, "num_heads": K,
+                            "num_layers": 256, "num_buckets": 4 * K, "max_distance": K * K, "text_len": 64 * K})
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -95,6 +119,10 @@ class CLIPConfig:
     num_layers: int = 32
     use_layers: int = 31
     eps: float = 1e-5
+
+    def __post_init__(self):
+        check_bounds(self, {"image_size": 4 * K, "patch_size": K, "dim": 64 * K, "mlp_ratio": 64, "num_heads": K,
+                            "num_layers": 256, "use_layers": 256})
 
     @property
     def num_tokens(self) -> int:

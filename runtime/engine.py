@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from ..kernels.dispatch import reference_only
-from .checkpoint import CheckpointError, _named_variant, _tuples, load_tensors
+from .checkpoint import CheckpointError, _named_variant, _tuples, check_weights, inside, load_tensors
 from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
 from .dit import BlockGraph
+from .trust import is_trusted, manifest_digest
 
 FORMAT = "wanrt-engine"
 FORMAT_VERSION = 1
@@ -89,6 +90,7 @@ class Engine:
     root: Path
     manifest: dict
     variant: Variant
+    trusted: bool = False  # may run its compiled blocks (native code): runtime/trust.py
     layout: str = "engine"
 
     @property
@@ -131,6 +133,8 @@ def read_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} must hold a JSON object, not {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("format_version")
@@ -146,7 +150,9 @@ def verify_files(root: Path, manifest: dict) -> None:
     if not isinstance(files, dict) or not files:
         raise EngineError(f"{root / MANIFEST}: no file list")
     for rel, want in files.items():
-        path = root / rel
+        path = inside(root, rel, root / MANIFEST)
+        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
+            raise EngineError(f"{root / MANIFEST}: the entry of {rel} needs its bytes and sha256")
         if not path.is_file():
             raise EngineError(f"{path} is missing (listed in {MANIFEST})")
         size = path.stat().st_size
@@ -178,8 +184,22 @@ def check_capability(manifest: dict, capability: tuple[int, int] | None) -> None
                           f"sm_{capability[0]}{capability[1]}; export it again on this machine")
 
 
-def open_engine(path: str | Path, capability: tuple[int, int] | None | str = "this machine") -> Engine:
-    """Verify an engine directory and return it; `capability` defaults to this machine's GPU (None: no GPU)."""
+def is_own_engine(path: str | Path) -> bool:
+    """An engine folder as `wanrt export` writes it, judged by content: a manifest of our format listing every file
+    there. Only such a folder may be replaced by another export (nothing else in it would be lost)."""
+    root = Path(path)
+    try:
+        manifest = read_manifest(root)
+        listed = {str(inside(root, rel, root / MANIFEST).relative_to(root)) for rel in manifest["files"]} | {MANIFEST}
+    except (EngineError, KeyError, TypeError, AttributeError):
+        return False
+    return all(str(p.relative_to(root)) in listed for p in root.rglob("*") if not p.is_dir())
+
+
+def open_engine(path: str | Path, capability: tuple[int, int] | None | str = "this machine",
+                trust_engine: bool = False) -> Engine:
+    """Verify an engine directory and return it; `capability` defaults to this machine's GPU (None: no GPU). Its
+    compiled blocks run only if this machine exported it or `trust_engine` (runtime/trust.py)."""
     root = Path(path)
     manifest = read_manifest(root)
     if capability == "this machine":
@@ -188,9 +208,11 @@ def open_engine(path: str | Path, capability: tuple[int, int] | None | str = "th
     verify_files(root, manifest)
     try:
         variant = variant_from_json(manifest["variant"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise EngineError(f"{root / MANIFEST}: bad variant: {e}") from None
-    return Engine(root, manifest, variant)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise EngineError(f"{root / MANIFEST}: bad variant: {type(e).__name__}: {e}") from None
+    engine = Engine(root, manifest, variant, trusted=trust_engine or is_trusted(manifest_digest(root / MANIFEST)))
+    check_weights(engine)
+    return engine
 
 
 COMPILED_KINDS = ("inductor", "compile")  # the backends that hold a compiled block, in order of preference
@@ -217,7 +239,7 @@ class CompiledBlock:
     export/inductor_backend.py), used for the token count it was compiled for and whole-sequence plans."""
 
     def __init__(self, root: Path, entry: dict, kind: str, cfg: DiTConfig):
-        self.runner = load_block_runner(kind, root / entry["file"], cfg, entry["weights"])
+        self.runner = load_block_runner(kind, inside(root, entry["file"], root / MANIFEST), cfg, entry["weights"])
         self.tokens, self.names = entry["tokens"], entry["weights"]
 
     def fits(self, tokens: int, chunk: int | None) -> bool:

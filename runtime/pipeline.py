@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..quant.formats import quantize_block
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
+from .options import Request, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -29,9 +29,15 @@ from .vae import WanVAE
 from .video import to_uint8_frames, write_mp4
 
 FPS = 16
+PHASE_LINES = {"text": "encoding the prompts", "clip": "encoding the image", "encode": "encoding the image latents",
+               "decode": "decoding the video"}
 # A Wan2.1-architecture model of our own, trained on procedural shape videos (training/train_demo.py); what `wanrt
 # generate` and `wanrt.load()` run when given no model. docs/demo-model.md says how it was trained and how it does.
 DEMO_MODEL = Path(__file__).with_name("demo_model")
+
+
+class GenerationError(RuntimeError):
+    """A generation that cannot give a valid video (out of GPU memory, non-finite latents); the message says why."""
 
 
 @dataclass
@@ -44,44 +50,22 @@ class Video:
         return write_mp4(self.frames, path, fps=self.fps)
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """'W*H' (the official --size format) -> (W, H)."""
-    try:
-        w, h = (int(s) for s in size.split("*"))
-    except ValueError:
-        raise ValueError(f"size must look like 832*480 (width*height), got {size!r}") from None
-    return w, h
-
-
-def check_request(ckpt: Checkpoint, size: str, frame_num: int, steps: int, image) -> tuple[int, int]:
-    """Validate user arguments before any model work; returns (W, H)."""
-    w, h = parse_size(size)
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise ValueError(f"width and height must be positive multiples of 16 (VAE 8x times patch 2x), got {size}")
-    if ckpt.variant.sizes and size not in ckpt.variant.sizes:
-        raise ValueError(f"size {size} is not supported by {ckpt.variant.name}; choose one of "
-                         f"{', '.join(ckpt.variant.sizes)}")
-    if frame_num < 1 or (frame_num - 1) % 4:
-        raise ValueError(f"frame_num must be 4n+1 (1, 5, ..., 81), got {frame_num}")
-    if steps < 1:
-        raise ValueError(f"sample_steps must be >= 1, got {steps}")
-    if ckpt.task == "i2v" and image is None:
-        raise ValueError("this is an image-to-video model: pass --image")
-    if ckpt.task == "t2v" and image is not None:
-        raise ValueError("this is a text-to-video model: --image is only for i2v checkpoints")
-    return w, h
-
-
-def load_image(image) -> torch.Tensor:
-    """A path or PIL image -> [3, H, W] float in [-1, 1]."""
+def load_image(image, max_pixels: int) -> torch.Tensor:
+    """A path or PIL image -> [3, H, W] float in [-1, 1]. An image of more than 4x `max_pixels` (the pixels the
+    request will use) is first shrunk by an integer factor in PIL, so a huge photo never becomes a float copy of its
+    full size; smaller ones go through unchanged, as the official code takes them."""
     from PIL import Image, UnidentifiedImageError
 
+    check_image(image)
     if not isinstance(image, Image.Image):
         try:
             with Image.open(image) as f:
                 image = f.convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
             raise ValueError(f"cannot read image {image}: {e}") from None
+    factor = math.ceil(math.sqrt(image.width * image.height / (4 * max_pixels)))
+    if factor > 1:
+        image = image.reduce(factor)
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
     return x.permute(2, 0, 1)
 
@@ -140,7 +124,7 @@ class WanPipeline:
                  vram_budget: int | None = None, ram_budget: int | None = None,
                  vae_dtype: torch.dtype | None = None):
         self.ckpt = ckpt
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         # bf16 GEMMs on the GPU as the official code; fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.vram_budget = default_vram_budget(self.device) if vram_budget is None else vram_budget
@@ -159,16 +143,16 @@ class WanPipeline:
         dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
         self.dit.compiled_block = self._compiled_block()
-        self.dit_store, ram = _store(dit_blocks, self.dit, self._dit_dtype, ram)
+        self.dit_store, ram = _store(dit_blocks, self._dit_dtype, ram)
         text_rest, text_blocks = split_blocks(ckpt.text_state(mmap=True), v.text.num_layers)
         self.text_encoder = _shell(UMT5Encoder, v.text, text_rest, self.dtype)
-        self.text_store, ram = _store(text_blocks, self.text_encoder, lambda n, t: self.dtype, ram)
+        self.text_store, ram = _store(text_blocks, lambda n, t: self.dtype, ram)
         self.vae = _shell(WanVAE, v.vae, ckpt.vae_state(), None)  # fp32, as the official code
         self.clip = self.clip_store = None
         if v.clip is not None:
             clip_rest, clip_blocks = split_blocks(ckpt.clip_state(), v.clip.use_layers, prefix="transformer")
             self.clip = _shell(CLIPVision, v.clip, clip_rest, self.dtype)
-            self.clip_store, ram = _store(clip_blocks, self.clip, lambda n, t: self.dtype, ram)
+            self.clip_store, ram = _store(clip_blocks, lambda n, t: self.dtype, ram)
 
     @property
     def variant(self):
@@ -184,6 +168,11 @@ class WanPipeline:
         for kind in COMPILED_KINDS:
             entry = backends.get(kind)
             if entry is not None and entry["device"] == self.device.type:
+                if not self.ckpt.trusted:
+                    warnings.warn(f"{self.ckpt.root} was not exported on this machine: running its weights without "
+                                  f"its compiled block ({kind}, native code). Pass --trust-engine (trust_engine=True) "
+                                  "if you trust whoever built it.", stacklevel=3)
+                    return None
                 return CompiledBlock(self.ckpt.root, entry, kind, self.variant.dit)
         return None
 
@@ -207,23 +196,19 @@ class WanPipeline:
             return (frame_num - 1) // st[0] + 1, h // st[1], w // st[2]
         return ((frame_num - 1) // st[0] + 1, *i2v_latent_size(image.shape[1:], w * h, st, v.dit.patch_size))
 
-    def _request(self, size: str | None, frame_num: int | None, sample_steps: int | None, image):
-        """Validated (size, frames, steps, image tensor or None, latent shape) of a request, with the variant's
-        defaults."""
-        v = self.variant
-        size = size or (v.sizes[0] if v.sizes else None)
-        frame_num = v.frame_num if frame_num is None else frame_num
-        if size is None:
-            raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
-        steps = v.sample_steps if sample_steps is None else sample_steps
-        check_request(self.ckpt, size, frame_num, steps, image)
-        img = load_image(image) if image is not None else None
-        return size, frame_num, steps, img, self.latent_shape(size, frame_num, img)
+    def _request(self, image=None, **request) -> tuple[Request, torch.Tensor | None, tuple[int, int, int]]:
+        """A validated request (check_request's keywords) with the variant's defaults, the image tensor or None, and
+        the latent shape."""
+        req = check_request(self.variant, image=image, **request)
+        w, h = parse_size(req.size)
+        img = load_image(image, w * h) if image is not None else None
+        return req, img, self.latent_shape(req.size, req.frame_num, img)
 
     def describe_plan(self, size: str | None, frame_num: int | None, sample_steps: int | None, image=None) -> str:
         """The plan `generate` would follow, and where the blocks live in host memory."""
         v = self.variant
-        size, frame_num, steps, _, lat = self._request(size, frame_num, sample_steps, image)
+        req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps)
+        size, frame_num, steps = req.size, req.frame_num, req.sample_steps
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
@@ -237,7 +222,11 @@ class WanPipeline:
                  sample_solver: str = "unipc", base_seed: int = -1, neg_prompt: str = "",
                  progress: bool = True) -> Video:
         v = self.variant
-        size, frame_num, steps, img, lat = self._request(size, frame_num, sample_steps, image)
+        req, img, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps,
+                                      sample_shift=sample_shift, sample_guide_scale=sample_guide_scale,
+                                      sample_solver=sample_solver, base_seed=base_seed, prompt=prompt,
+                                      neg_prompt=neg_prompt)
+        size, frame_num, steps = req.size, req.frame_num, req.sample_steps
         if sample_shift is not None:
             shift = sample_shift
         else:  # the official rule for Wan's variants; a model of our own carries its training shift
@@ -247,7 +236,7 @@ class WanPipeline:
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
         plan = self.plan(lat, steps)  # before any GPU work: refuses here if the budget cannot fit
         self.phase_stats = {}
-        run = functools.partial(self._run_phase, plan, lat, steps)
+        run = functools.partial(self._run_phase, plan, lat, steps, progress)
 
         context, context_null = run("text", self._encode_text, [prompt, neg_prompt])
         clip_fea = cond = None
@@ -263,13 +252,18 @@ class WanPipeline:
         latents = run("denoise", self._denoise, latents, cond, ctx, ctx_null, temb, solver, guide,
                       progress)
         del ctx, ctx_null, temb, cond
+        if not torch.isfinite(latents).all():  # one sync per video: never decode and write garbage
+            raise GenerationError("the denoised latents hold NaN or inf values; nothing was written (a model or "
+                                  "quantization problem: try --scheme bf16 or another attention mode)")
         video = run("decode", self._decode, latents)
         return Video(to_uint8_frames(video[0]), FPS, seed)
 
     # -- phases: each takes its PhasePlan first
-    def _run_phase(self, plan: Plan, lat, steps, name: str, fn, *args):
+    def _run_phase(self, plan: Plan, lat, steps, progress: bool, name: str, fn, *args):
         """Run one phase under its plan. If the GPU still runs out of memory (another process took some), re-plan
         the phase once for what is free now, then fail with a clear message."""
+        if progress and name in PHASE_LINES:  # the denoise phase has its own progress bar
+            print(PHASE_LINES[name], flush=True)
         try:
             return self._measured(name, plan.phase(name), fn, *args)
         except torch.OutOfMemoryError:
@@ -283,7 +277,7 @@ class WanPipeline:
             phase = plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype)
             return self._measured(name, phase, fn, *args)
         except (torch.OutOfMemoryError, PlanError) as e:
-            raise RuntimeError(f"out of GPU memory in the {name} phase even after re-planning for "
+            raise GenerationError(f"out of GPU memory in the {name} phase even after re-planning for "
                                f"{smaller / 2**30:.2f} GiB; another process may be using the GPU. Free it or pass a "
                                f"smaller --vram-budget.") from e
 
@@ -370,18 +364,9 @@ class WanPipeline:
         return video.cpu()
 
 
-def _store(blocks: list[dict], model, dtype_of, ram: int):
-    """A host store for the blocks, in RAM if they fit in `ram` bytes; returns it and the RAM left. Every block is
-    checked against the model's (meta) block first, so a bad checkpoint fails here, naming the tensor."""
-    quant = getattr(model.cfg, "quant", "bf16")  # a DiT engine's blocks come quantized
-    expected = {k: tuple(p.shape) for k, p in quantize_block(model.block_weights(0), quant).items()}
-    for i, block in enumerate(blocks):
-        got = {k: tuple(t.shape) for k, t in block.items()}
-        if got != expected:
-            bad = sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))
-            raise ValueError(f"block {i} of {type(model).__name__} does not match its config: "
-                             + ", ".join(f"{k} {got.get(k, 'missing')} (expected {expected.get(k, 'none')})"
-                                         for k in bad[:4]))
+def _store(blocks: list[dict], dtype_of, ram: int):
+    """A host store for the blocks, in RAM if they fit in `ram` bytes; returns it and the RAM left. The blocks match
+    their config: open_checkpoint and open_engine checked them (checkpoint.check_weights)."""
     need = sum(t.numel() * dtype_of(k, t).itemsize for b in blocks for k, t in b.items())
     in_ram = need <= ram
     return make_store(blocks, dtype_of, in_ram), ram - need if in_ram else ram
@@ -405,13 +390,31 @@ def i2v_latent_size(hw: tuple[int, int], max_area: int, stride, patch) -> tuple[
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          vram_budget: int | None = None, ram_budget: int | None = None,
-         vae_dtype: torch.dtype | None = None) -> WanPipeline:
+         vae_dtype: torch.dtype | None = None, trust_engine: bool = False) -> WanPipeline:
     """`wanrt.load(dir)`: open an official or diffusers Wan2.1 checkpoint, or an engine (None: the embedded demo
     model), and build its pipeline. Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is
-    available minus 2 GiB."""
-    return WanPipeline(open_source(DEMO_MODEL if path is None else path), device, dtype, vram_budget, ram_budget, vae_dtype)
+    available minus 2 GiB. An engine's compiled block runs only if this machine exported it, or with trust_engine."""
+    device = resolve_device(device)  # before reading any weights
+    return WanPipeline(open_source(DEMO_MODEL if path is None else path, trust_engine), device, dtype, vram_budget, ram_budget, vae_dtype)
 
 
-def open_source(path: str | Path):
+def open_source(path: str | Path, trust_engine: bool = False):
     """An engine directory (verified first: hashes, format, GPU capability) or a checkpoint directory."""
-    return open_engine(path) if is_engine(path) else open_checkpoint(path)
+    return open_engine(path, trust_engine=trust_engine) if is_engine(path) else open_checkpoint(path)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default: cuda when available), refused clearly if it cannot be used here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but no CUDA GPU is available to PyTorch here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device

@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from .options import SOLVERS
+
 NUM_TRAIN_TIMESTEPS = 1000
 # The official scheduler is built with shift 1 on a float32 training grid and takes sigma_max = sigmas[0].item(),
 # so the grid starts at float32(0.999) = 0.9990000128746033, not at 0.999. At shift 1 that moves truncated timesteps
@@ -31,7 +33,6 @@ DEFAULT_NEG_PROMPT = (
 # itself (image2video.py) adds nothing, it just reads its config's default.
 I2V_NEG_PREFIX = "镜头晃动，"
 
-SOLVERS = ("unipc", "euler")
 TASKS = ("t2v", "t2i", "i2v", "flf2v")
 
 

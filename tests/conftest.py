@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight checkpoints in both layouts, written once per test session."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 # Without a GPU, Triton kernels run on the CPU through its interpreter, chosen before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The engine trust store (runtime/trust.py) of this test session, never the user's (subprocesses inherit it).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="wanrt-tests-config-")
 
 from wanrt.testing.random_checkpoint import convert_to_official, write_random_checkpoint  # noqa: E402
 

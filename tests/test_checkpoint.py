@@ -162,5 +162,6 @@ def test_a_block_of_the_wrong_shape_is_named(checkpoints, tmp_path):
     state["blocks.1.ffn.0.weight"] = state["blocks.1.ffn.0.weight"][:-1].clone()
     del state["blocks.0.self_attn.q.bias"]
     save_file(state, root / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"block 0 of WanDiT does not match its config: self_attn.q.bias missing"):
+    with pytest.raises(ValueError, match=r"DiT weights do not match its config \(2 layers\): missing "
+                                         r"\['blocks.0.self_attn.q.bias'\]; wrong shape \['blocks.1.ffn.0.weight"):
         wanrt.load(root, device="cpu")

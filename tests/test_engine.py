@@ -161,7 +161,7 @@ def test_export_is_atomic(checkpoints, tmp_path, monkeypatch):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("mine")
     monkeypatch.setattr(E, "_save", real_save)
-    with pytest.raises(ValueError, match="not an engine"):
+    with pytest.raises(ValueError, match="not written by wanrt"):
         export_engine(checkpoints["t2v", "official"], tmp_path / "notes", progress=False)
 
 

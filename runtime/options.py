@@ -1,0 +1,114 @@
+"""What a user asks `generate` for, checked before any model work, with the allowed values and bounds in one place.
+
+Both the CLI (before it loads a model) and `WanPipeline.generate` (for Python callers) go through `check_request`.
+Nothing here imports torch, so `wanrt --help` and argument errors come back at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+SOLVERS = ("unipc", "euler")
+# Bounds on what is reasonable to ask: past them a request would run for hours or allocate without limit.
+MAX_FRAMES = 1001  # Wan2.1 is trained on 81
+MAX_SIDE = 4096  # pixels, for checkpoints without a list of sizes
+MAX_STEPS = 1000
+MAX_GUIDE = 100.0
+MAX_SHIFT = 100.0
+MAX_SEED = 2**63 - 1
+MAX_IMAGE_SIDE = 16384
+MAX_PROMPT_CHARS = 100_000
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated generation request; None for shift and guidance means the model's default."""
+    size: str
+    frame_num: int
+    sample_steps: int
+    sample_shift: float | None
+    sample_guide_scale: float | None
+    sample_solver: str
+    base_seed: int
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'W*H' (the official --size format) -> (W, H)."""
+    try:
+        w, h = (int(s) for s in str(size).split("*"))
+    except ValueError:
+        raise ValueError(f"size must look like 832*480 (width*height), got {size!r}") from None
+    return w, h
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with lo_open): nan, inf and huge values would make a black video."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > hi or value < lo or (lo_open and value == lo):
+        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def check_request(variant, size: str | None = None, frame_num: int | None = None, sample_steps: int | None = None,
+                  sample_shift: float | None = None, sample_guide_scale: float | None = None,
+                  sample_solver: str = "unipc", base_seed: int = -1, image=None, prompt: str = "",
+                  neg_prompt: str = "") -> Request:
+    """Validate a request against the model's variant (its task, sizes and defaults); returns it with the defaults
+    filled in. `image` (a path) is only checked for presence here; `check_image` reads its header."""
+    size = size or (variant.sizes[0] if variant.sizes else None)
+    if size is None:
+        raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
+    w, h = parse_size(size)
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise ValueError(f"width and height must be positive multiples of 16 (VAE 8x times patch 2x), got {size}")
+    if variant.sizes and size not in variant.sizes:
+        raise ValueError(f"size {size} is not supported by {variant.name}; choose one of {', '.join(variant.sizes)}")
+    if max(w, h) > MAX_SIDE:
+        raise ValueError(f"size {size} is larger than {MAX_SIDE} pixels on a side")
+    frame_num = variant.frame_num if frame_num is None else frame_num
+    check_int("frame_num", frame_num, 1, MAX_FRAMES)
+    if (frame_num - 1) % 4:
+        raise ValueError(f"frame_num must be 4n+1 (1, 5, ..., 81), got {frame_num}")
+    steps = check_int("sample_steps", variant.sample_steps if sample_steps is None else sample_steps, 1, MAX_STEPS)
+    if sample_shift is not None:
+        check_float("sample_shift", sample_shift, 0.0, MAX_SHIFT, lo_open=True)
+    if sample_guide_scale is not None:
+        check_float("sample_guide_scale", sample_guide_scale, 0.0, MAX_GUIDE)
+    if sample_solver not in SOLVERS:
+        raise ValueError(f"sample_solver must be one of {SOLVERS}, got {sample_solver!r} (the official 'dpm++' is not "
+                         "implemented)")
+    check_int("base_seed", base_seed, -1, MAX_SEED)
+    for name, text in (("prompt", prompt), ("neg_prompt", neg_prompt)):
+        if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{name} must be a string of at most {MAX_PROMPT_CHARS} characters")
+    if variant.task == "i2v" and image is None:
+        raise ValueError("this is an image-to-video model: pass --image")
+    if variant.task == "t2v" and image is not None:
+        raise ValueError("this is a text-to-video model: --image is only for i2v checkpoints")
+    return Request(size, frame_num, steps, sample_shift, sample_guide_scale, sample_solver, base_seed)
+
+
+def check_image(image) -> None:
+    """An image path PIL can read, of sane dimensions, checked from its header alone (PIL images pass as they are)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        size = image.size
+    else:
+        if not Path(image).is_file():
+            raise ValueError(f"cannot read image {image}: no such file")
+        try:
+            with Image.open(image) as f:
+                size = f.size
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {image}: {e}") from None
+    if max(size) > MAX_IMAGE_SIDE or min(size) < 1:
+        raise ValueError(f"image {getattr(image, 'filename', image) or 'given'} is {size[0]}x{size[1]}: sides must be "
+                         f"1..{MAX_IMAGE_SIDE} pixels")
