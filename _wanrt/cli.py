@@ -8,23 +8,29 @@ import sys
 import time
 from pathlib import Path
 
-from wanrt.runtime.options import SOLVERS
+from wanrt.runtime.options import (ATTENTION_MODES, SCHEMES, SOLVERS, TEXT_SCHEMES, RunOptions,
+                                   parse_bytes)
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_bytes(text: str) -> int:
-    """'4GiB', '1.5G', '512MiB', '6GB' -> bytes (G and GiB are binary; GB is decimal)."""
-    number = text.strip().rstrip("BbIiKkMmGg")
-    unit = text.strip()[len(number):].lower()
+def _size(text: str) -> int:
     try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        value = 0
-    if not 1 <= value < 2**62:  # also rejects inf and nan
-        raise argparse.ArgumentTypeError(f"expected a size like 4GiB or 512MiB, got {text!r}")
-    return int(value)
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run_options(args: argparse.Namespace, **override) -> RunOptions:
+    names = ("attention", "scheme", "text_scheme", "vram_budget", "ram_budget")
+    return RunOptions(**{n: getattr(args, n, None) for n in names} | override)
+
+
+def add_run_options(p: argparse.ArgumentParser, engine_default: str = "default: the engine's, else ") -> None:
+    """The RunOptions flags, with the same names as wanrt.load(...)'s keywords and the engine manifest's."""
+    p.add_argument("--attention", choices=ATTENTION_MODES, help=f"self-attention kernel ({engine_default}auto: "
+                   "int8 Q·K with fp8 P·V on an H100, measured 1.6x SDPA at the same quality; SDPA on other GPUs)")
+    p.add_argument("--scheme", choices=SCHEMES, help="DiT block weights (default: as stored; a checkpoint's bf16 "
+                   "blocks are quantized as they load): fp8, int8 (w8a8 GEMMs), w8a16 (int8 weights)")
+    p.add_argument("--text-scheme", dest="text_scheme", choices=TEXT_SCHEMES, help="umT5 block weights, "
+                   "weight-only (default: as stored): int8 or fp8 halve its memory")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -34,6 +40,7 @@ def _generate(args: argparse.Namespace) -> None:
     from wanrt.runtime.options import check_image, check_request
 
     check_output_file(args.out, ".mp4")
+    options = run_options(args)
     from wanrt.runtime.pipeline import DEMO_MODEL, WanPipeline, open_source, resolve_device
 
     device = resolve_device(args.device)
@@ -56,9 +63,9 @@ def _generate(args: argparse.Namespace) -> None:
         check_image(args.image)
     check_request(source.variant, image=args.image, prompt=args.prompt, neg_prompt=args.neg_prompt, **request)
     print("loading the weights", flush=True)
-    pipe = WanPipeline(source, device, vram_budget=args.vram_budget, ram_budget=args.ram_budget)
+    pipe = WanPipeline(source, device, options=options)
     if args.plan:
-        print(pipe.describe_plan(args.size, args.frame_num, args.sample_steps, args.image))
+        print(pipe.describe_plan(args.size, args.frame_num, args.sample_steps, args.image, args.sample_guide_scale))
         return
     video = pipe.generate(args.prompt, image=args.image, neg_prompt=args.neg_prompt, **request)
     print(f"writing {args.out}", flush=True)
@@ -94,7 +101,7 @@ def _export(args: argparse.Namespace) -> None:
     backends = tuple(b for b in (args.backends or "").split(",") if b)
     print(f"exporting {args.model} to {args.out} ({args.scheme})", flush=True)
     out = export_engine(args.model, args.out, args.scheme, progress=True, backends=backends, latents=latents,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, text_scheme=args.text_scheme, attention=args.attention)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"wrote engine {out} ({args.scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
@@ -113,7 +120,7 @@ def _random_checkpoint(args: argparse.Namespace) -> None:
 
 def parse_budgets(text: str) -> list[int | None]:
     """'1GiB,4GiB,resident' -> [2**30, 4 * 2**30, None] (None: no cap)."""
-    return [None if b.strip() == "resident" else parse_bytes(b) for b in text.split(",") if b.strip()]
+    return [None if b.strip() == "resident" else _size(b) for b in text.split(",") if b.strip()]
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -121,6 +128,8 @@ def _bench(args: argparse.Namespace) -> None:
 
     if args.peers is None:
         args.peers = importlib.util.find_spec("diffusers") is not None
+    for mode in args.attention:  # one clear line for a bad option, before any model work
+        run_options(args, attention=mode)
     report = run_bench(args)
     print(f"wrote {args.out}.json and {args.out}.md ({len(report['rows'])} rows"
           + (f", plots {', '.join(report['plots'])}" if report.get("plots") else "") + ")")
@@ -145,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_solver", choices=SOLVERS, default="unipc")
     g.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--vram-budget", type=parse_bytes, help="GPU memory to plan for, e.g. 4GiB (default: free memory "
+    add_run_options(g)
+    g.add_argument("--vram-budget", type=_size, help="GPU memory to plan for, e.g. 4GiB (default: free memory "
                    "minus 512 MiB); a budget too small for any plan is refused with the minimum that would fit")
-    g.add_argument("--ram-budget", type=parse_bytes, help="host RAM for pinned weights, e.g. 16GiB (default: "
+    g.add_argument("--ram-budget", type=_size, help="host RAM for pinned weights, e.g. 16GiB (default: "
                    "available RAM minus 2 GiB); blocks beyond it are streamed from memory-mapped files")
     g.add_argument("--plan", action="store_true", help="print the memory plan and exit without generating")
     g.add_argument("--trust-engine", action="store_true", help="run an engine's compiled blocks (native code) even "
@@ -161,11 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "is benchmarked as exported)")
     b.add_argument("--size", help="width*height (default: the variant's first size)")
     b.add_argument("--frame_num", type=int, default=81)
-    b.add_argument("--steps", type=int, default=4, help="denoising steps of the whole-generation row")
+    b.add_argument("--steps", type=int, default=4, help="denoising steps of the whole-generation rows")
+    b.add_argument("--sample_guide_scale", type=float, default=5.0, help="wanrt's guidance (1: one DiT pass per "
+                   "step); diffusers is measured with 5")
     b.add_argument("--budgets", type=parse_budgets, default=parse_budgets("1GiB,2GiB,4GiB,resident"),
                    help="comma-separated VRAM budgets; 'resident' = no cap (default: 1GiB,2GiB,4GiB,resident)")
-    b.add_argument("--attention", type=lambda s: s.split(","), default=["sdpa"],
-                   help="comma-separated attention modes (sdpa, fp8, int8, ...): one set of rows each")
+    b.add_argument("--attention", type=lambda s: s.split(","), default=["auto"],
+                   help=f"comma-separated attention modes ({', '.join(ATTENTION_MODES)}): one set of rows each "
+                   "(default: auto)")
+    b.add_argument("--scheme", choices=SCHEMES, help="DiT block weights (default: as stored)")
+    b.add_argument("--text-scheme", dest="text_scheme", choices=TEXT_SCHEMES, help="umT5 block weights (default: "
+                   "as stored)")
     b.add_argument("--runs", type=int, default=3, help="timed calls per phase (median and spread)")
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
@@ -182,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="engine directory to write: new or empty (written atomically at the end)")
     e.add_argument("--overwrite", action="store_true", help="replace an engine already at --out (only an engine "
                    "folder that wanrt wrote, holding nothing else, is ever replaced)")
-    e.add_argument("--scheme", default="bf16", help="DiT block weights: bf16 (as in the checkpoint), fp8, int8, "
-                   "w8a16")
+    e.add_argument("--scheme", choices=SCHEMES, default="bf16", help="DiT block weights: bf16 (as in the checkpoint, "
+                   "the default), fp8, int8 (w8a8 GEMMs), w8a16 (int8 weights)")
+    e.add_argument("--text-scheme", dest="text_scheme", choices=TEXT_SCHEMES, default="bf16", help="umT5 block "
+                   "weights, weight-only: bf16 (default), int8 or fp8 (half its size)")
+    e.add_argument("--attention", choices=ATTENTION_MODES, default="auto", help="the attention mode the engine "
+                   "runs with unless `generate --attention` says otherwise (default: auto)")
     e.add_argument("--backends", help="compiled block graphs, comma-separated: inductor (AOTInductor package), "
                    "compile (torch.compile's cache, for where AOTInductor's loader fails), onnx (validated with "
                    "onnxruntime), tensorrt (needs NVIDIA's TensorRT and a GPU)")

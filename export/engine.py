@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import wanrt
-from wanrt.quant.formats import QUANTIZED_LINEARS, SCHEMES, quantize_block
+from wanrt.quant.formats import QUANTIZED_LINEARS, quantize_block, quantize_text_block
 from wanrt.quant.linear import linear_error_report
 from wanrt.runtime.atomic import atomic_dir, check_output_dir
 from wanrt.runtime.checkpoint import open_checkpoint
 from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_own_engine, sha256_all, variant_to_json
-from wanrt.runtime.trust import manifest_digest, record_trust
+from wanrt.runtime.options import RunOptions
 from wanrt.runtime.stream import split_blocks
+from wanrt.runtime.trust import manifest_digest, record_trust
 
 
 FIDELITY_TOKENS = 256  # random activations per linear for the recorded error (cheap on a CPU at full width)
@@ -70,12 +71,12 @@ BACKENDS = ("inductor", "compile", "onnx", "tensorrt")
 
 def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True,
                   backends: tuple[str, ...] = (), latents: tuple[int, int, int] | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, text_scheme: str = "bf16", attention: str = "auto") -> Path:
     """Write the engine of checkpoint `model` to `out`: a new or empty folder, or with `overwrite` an engine written
-    before (runtime/atomic.py). `backends` adds compiled block graphs for latents of (frames, height, width)
-    (default: the variant's first size, 81 frames). The engine is recorded as trusted on this machine."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    before (runtime/atomic.py). `scheme` quantizes the DiT's blocks, `text_scheme` umT5's (weight-only); `attention`
+    is recorded as the engine's default (RunOptions). `backends` adds compiled block graphs for latents of (frames,
+    height, width) (default: the variant's first size, 81 frames). The engine is recorded as trusted here."""
+    RunOptions(attention=attention, scheme=scheme, text_scheme=text_scheme)  # one clear line for a bad value
     if unknown := set(backends) - set(BACKENDS):
         raise ValueError(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     if "tensorrt" in backends:
@@ -93,14 +94,15 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
     start = time.perf_counter()
     with atomic_dir(out, overwrite, is_own_engine) as tmp:
         n = v.dit.num_layers + v.text.num_layers + 3
-        with tqdm(total=n, desc=f"export {scheme}", unit="file", disable=not progress) as bar:
+        with tqdm(total=n, desc=f"export {scheme}/{text_scheme}", unit="file", disable=not progress) as bar:
             dit = ckpt.dit_state()
             _, dit_blocks = split_blocks(dit, v.dit.num_layers)
             _write_blocks("dit", dit, v.dit.num_layers, tmp, transform=lambda b: quantize_block(b, scheme), bar=bar)
             report = fidelity(dit_blocks, scheme)
             compiled = _compile(_with_quant(v, scheme), backends, latents, quantize_block(dit_blocks[0], scheme), tmp)
             del dit, dit_blocks
-            _write_blocks("text", ckpt.text_state(), v.text.num_layers, tmp, bar=bar)
+            _write_blocks("text", ckpt.text_state(), v.text.num_layers, tmp,
+                          transform=lambda b: quantize_text_block(b, text_scheme), bar=bar)
             _save(ckpt.vae_state(), tmp / "vae" / "vae.safetensors")
             bar.update(1)
             if v.clip is not None:
@@ -111,13 +113,14 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
         paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
         files = {str(p.relative_to(tmp)): {"sha256": h, "bytes": p.stat().st_size}
                  for p, h in zip(paths, sha256_all(paths))}
-        variant = variant_to_json(_with_quant(v, scheme))
+        variant = variant_to_json(_with_quant(v, scheme, text_scheme))
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wanrt_version": wanrt.__version__,
             "variant": variant, "source": {"path": str(Path(model).name), "layout": ckpt.layout},
-            "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text": "as in the checkpoint",
-                        "vae": "as in the checkpoint"},
-            "attention": v.dit.attention, "backends": compiled.pop("backends"), "fidelity": report, **compiled,
+            "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text_blocks": text_scheme,
+                        "text_resident": "as in the checkpoint", "vae": "as in the checkpoint"},
+            "options": {"attention": attention, "scheme": scheme, "text_scheme": text_scheme},
+            "backends": compiled.pop("backends"), "fidelity": report, **compiled,
             "files": files, "export_seconds": round(time.perf_counter() - start, 2)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         digest = manifest_digest(tmp / MANIFEST)
@@ -153,5 +156,6 @@ def _compile(v, backends: tuple[str, ...], latents, block: dict, root: Path) -> 
     return out
 
 
-def _with_quant(v, scheme: str):
-    return dataclasses.replace(v, dit=dataclasses.replace(v.dit, quant=scheme))
+def _with_quant(v, scheme: str, text_scheme: str = "bf16"):
+    return dataclasses.replace(v, dit=dataclasses.replace(v.dit, quant=scheme),
+                               text=dataclasses.replace(v.text, quant=text_scheme))

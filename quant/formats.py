@@ -58,6 +58,23 @@ QUANTIZED_LINEARS = (
 )
 
 
+# umT5: weight-only, per output channel, stored in the weight formats of the DiT schemes below; the text encoder runs
+# once per video, so its blocks are simply dequantized to the compute dtype as they are used (runtime/text.py).
+TEXT_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate.0", "ffn.fc1", "ffn.fc2")
+TEXT_STORAGE = {"bf16": "bf16", "int8": "w8a16", "fp8": "fp8"}
+
+
+def quantize_text_block(w: dict[str, torch.Tensor], text_scheme: str) -> dict[str, torch.Tensor]:
+    if text_scheme not in TEXT_STORAGE:
+        raise ValueError(f"text_scheme must be one of {tuple(TEXT_STORAGE)}, got {text_scheme!r}")
+    return quantize_block(w, TEXT_STORAGE[text_scheme], TEXT_LINEARS)
+
+
+def is_quantized(name: str, t: torch.Tensor) -> bool:
+    """A quantized weight or its scale: kept in its stored dtype wherever blocks are held."""
+    return t.dtype in (torch.int8, torch.float8_e4m3fn) or name.endswith("weight_scale")
+
+
 def _info(scheme: str) -> Scheme:
     if scheme not in SCHEME_INFO:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {SCHEMES}")
@@ -73,14 +90,15 @@ def quantize_linear_weight(weight: torch.Tensor, scheme: str) -> dict[str, torch
     return {"weight": q, "weight_scale": scale}
 
 
-def quantize_block(w: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:
-    """A new flat dict of one block's weights with the QUANTIZED_LINEARS quantized; every other tensor (modulation,
-    norms, biases) is the same object as in `w`."""
+def quantize_block(w: dict[str, torch.Tensor], scheme: str,
+                   names: tuple[str, ...] = QUANTIZED_LINEARS) -> dict[str, torch.Tensor]:
+    """A new flat dict of one block's weights with the linears `names` (default: the DiT's) quantized; every other
+    tensor (modulation, norms, biases) is the same object as in `w`."""
     _info(scheme)
     out = dict(w)
     if scheme == "bf16":
         return out
-    for name in QUANTIZED_LINEARS:
+    for name in names:
         key = f"{name}.weight"
         if key not in w:
             continue
@@ -91,11 +109,13 @@ def quantize_block(w: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.T
     return out
 
 
-def dequantize_block(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def dequantize_block(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+                     names: tuple[str, ...] = QUANTIZED_LINEARS) -> dict[str, torch.Tensor]:
     """The inverse of `quantize_block` up to rounding: q * scale in `dtype`, scales dropped. With `quantize_block`
-    this moves a checkpoint quantized for one scheme to its fallback (fp8 -> int8 weights for w8a16 on sm_80)."""
+    this moves a checkpoint quantized for one scheme to its fallback (fp8 -> int8 weights for w8a16 on sm_80); the
+    umT5 encoder runs its weight-only blocks through it."""
     out = dict(w)
-    for name in QUANTIZED_LINEARS:
+    for name in names:
         scale = out.pop(f"{name}.weight_scale", None)
         if scale is not None:
             out[f"{name}.weight"] = (w[f"{name}.weight"].float() * scale.float()[:, None]).to(dtype)

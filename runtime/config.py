@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .options import TEXT_SCHEMES
+
 K = 1024
 
 
@@ -102,8 +104,11 @@ class TextConfig:
     max_distance: int = 128
     eps: float = 1e-6
     text_len: int = 512
+    quant: str = "bf16"  # block linears, weight-only: bf16, int8 or fp8 (quant/formats.py TEXT_STORAGE)
 
     def __post_init__(self):
+        if self.quant not in TEXT_SCHEMES:
+            raise ValueError(f"text quant must be one of {TEXT_SCHEMES}, got {self.quant!r}")
         check_bounds(self, {"vocab": 4 * K * K, "dim": 64 * K, "dim_attn": 64 * K, "dim_ffn": 256 * K, "num_heads": K,
                             "num_layers": 256, "num_buckets": 4 * K, "max_distance": K * K, "text_len": 64 * K})
 

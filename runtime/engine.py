@@ -32,7 +32,7 @@ from .dit import BlockGraph
 from .trust import is_trusted, manifest_digest
 
 FORMAT = "wanrt-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: run options recorded, umT5 blocks may be quantized (weight-only)
 MANIFEST = "manifest.json"
 
 
@@ -71,9 +71,9 @@ def variant_from_json(d: dict) -> Variant:
     dit, vae, text = DiTConfig(**_tuples(d["dit"])), VAEConfig(**_tuples(d["vae"])), TextConfig(**_tuples(d["text"]))
     clip = CLIPConfig(**_tuples(d["clip"])) if d.get("clip") else None
     base = VARIANTS.get(d.get("name"))
-    if base and (dataclasses.replace(base.dit, quant=dit.quant, attention=dit.attention), base.vae, base.text,
-                 base.clip) == (dit, vae, text, clip):
-        v = dataclasses.replace(base, dit=dit)
+    if base and (dataclasses.replace(base.dit, quant=dit.quant, attention=dit.attention), base.vae,
+                 dataclasses.replace(base.text, quant=text.quant), base.clip) == (dit, vae, text, clip):
+        v = dataclasses.replace(base, dit=dit, text=text)
     else:
         v = _named_variant(dit, vae, text, clip)
     if "sizes" in d:

@@ -1,7 +1,9 @@
-"""What a user asks `generate` for, checked before any model work, with the allowed values and bounds in one place.
+"""What a user asks for, checked before any model work, with the allowed values, defaults and bounds in one place.
 
-Both the CLI (before it loads a model) and `WanPipeline.generate` (for Python callers) go through `check_request`.
-Nothing here imports torch, so `wanrt --help` and argument errors come back at once.
+`RunOptions` (how a model runs: attention kernel, weight schemes, memory budgets) carries the same names on `wanrt
+generate`, `wanrt export`, `wanrt bench` and `wanrt.load(...)`, and engines record it. `check_request` validates one
+generation; the CLI calls it before it loads a model, `WanPipeline.generate` for Python callers. Nothing here imports
+torch, so `wanrt --help` and argument errors come back at once.
 """
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOLVERS = ("unipc", "euler")
+ATTENTION_MODES = ("auto", "sdpa", "fp8", "int8", "int8_fp8pv")  # kernels/attention.py has the kernels
+SCHEMES = ("bf16", "fp8", "int8", "w8a16")  # DiT block linears: quant/formats.py
+TEXT_SCHEMES = ("bf16", "int8", "fp8")  # umT5 block linears, weight-only
+# What `attention="auto"` runs per GPU compute capability: the fastest mode whose accuracy was measured acceptable on
+# it. On the H100 (sm_90) int8 Q·K with fp8 P·V ran 1.59x cuDNN SDPA at cosine 0.99924 on random inputs, moved the
+# 4-step latents of a 1.3B forward by 0.009 against 0.008 for bf16 PyTorch ops (bench/results/attention_h100.md,
+# dit_h100.md), and kept the demo model's semantic check (bench/results/options_h100.md). Other GPUs were never
+# measured: SDPA there, as on the CPU.
+AUTO_ATTENTION = {(9, 0): "int8_fp8pv"}
 # Bounds on what is reasonable to ask: past them a request would run for hours or allocate without limit.
 MAX_FRAMES = 1001  # Wan2.1 is trained on 81
 MAX_SIDE = 4096  # pixels, for checkpoints without a list of sizes
@@ -19,6 +30,59 @@ MAX_SHIFT = 100.0
 MAX_SEED = 2**63 - 1
 MAX_IMAGE_SIDE = 16384
 MAX_PROMPT_CHARS = 100_000
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '1.5G', '512MiB', '6GB' -> bytes (G and GiB are binary; GB is decimal)."""
+    number = str(text).strip().rstrip("BbIiKkMmGg")
+    unit = str(text).strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not 0 <= value < 2**62:  # also rejects inf and nan
+        raise ValueError(f"expected a size like 4GiB or 512MiB, got {text!r}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a model runs. None means: what the engine recorded (`wanrt export` writes these too), else the default.
+
+    attention    auto | sdpa | fp8 | int8 | int8_fp8pv; default auto (AUTO_ATTENTION: the fastest mode measured to
+                 keep quality on this GPU, SDPA elsewhere). A quantized mode this GPU cannot run is refused.
+    scheme       DiT block weights: bf16 | fp8 | int8 | w8a16; default: as stored (bf16 for a checkpoint, whose blocks
+                 are then quantized as they are loaded into host memory; an engine's own scheme).
+    text_scheme  umT5 block weights, weight-only: bf16 | int8 | fp8; default: as stored.
+    vram_budget, ram_budget   bytes or a size such as "4GiB"; default: free GPU memory minus 512 MiB, available
+                 RAM minus 2 GiB.
+    """
+    attention: str | None = None
+    scheme: str | None = None
+    text_scheme: str | None = None
+    vram_budget: int | str | None = None
+    ram_budget: int | str | None = None
+
+    def __post_init__(self):
+        for name, choices in (("attention", ATTENTION_MODES), ("scheme", SCHEMES), ("text_scheme", TEXT_SCHEMES)):
+            if getattr(self, name) is not None:
+                check_choice(name, getattr(self, name), choices)
+        for name in ("vram_budget", "ram_budget"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse_bytes(value))
+            elif value is not None:
+                check_int(name, value, 0, 2**62)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 `WanT2V.generate` / `WanI2V.generate` step by step (separate cond/uncond DiT calls, UniPC, VAE decode)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..kernels.attention import check_mode
+from ..kernels.dispatch import has_triton
+from ..quant.formats import dequantize_block, is_quantized, quantize_block, quantize_text_block, resolve_scheme
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
-from .options import Request, check_image, check_request, parse_size
+from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -121,42 +126,42 @@ class WanPipeline:
     VRAM budget."""
 
     def __init__(self, ckpt: Checkpoint, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 vram_budget: int | None = None, ram_budget: int | None = None,
-                 vae_dtype: torch.dtype | None = None):
+                 options: RunOptions | None = None, vae_dtype: torch.dtype | None = None):
         self.ckpt = ckpt
         self.device = resolve_device(device)
+        options = options or RunOptions()
         # bf16 GEMMs on the GPU as the official code; fp32 on the CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.vram_budget = default_vram_budget(self.device) if vram_budget is None else vram_budget
+        self.vram_budget = default_vram_budget(self.device) if options.vram_budget is None else options.vram_budget
         # The VAE: bf16 on the GPU (faster, half the memory; bench/results/stream_h100.md), fp32 elsewhere and
         # whenever asked, as the official code runs it.
         self.vae_dtype = vae_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        v = ckpt.variant
+        self.variant = v = resolve_options(ckpt, options, self.device)  # before any weight is read
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, v.text.text_len)
-        self.ram_budget = available_ram() - 2 * 2**30 if ram_budget is None else ram_budget
+        self.ram_budget = available_ram() - 2 * 2**30 if options.ram_budget is None else options.ram_budget
         self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
         self.block_copy = None  # replaces the streamed blocks' host-to-device copy (benchmarks: a slower link)
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
         ram = self.ram_budget
+        # Blocks stored in another scheme than the one to run are (re)quantized as they come into host memory.
         dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
+        dit_blocks = requantized(dit_blocks, ckpt.variant.dit.quant, v.dit.quant, quantize_block, self.device)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
         self.dit.compiled_block = self._compiled_block()
         self.dit_store, ram = _store(dit_blocks, self._dit_dtype, ram)
         text_rest, text_blocks = split_blocks(ckpt.text_state(mmap=True), v.text.num_layers)
+        text_blocks = requantized(text_blocks, ckpt.variant.text.quant, v.text.quant, quantize_text_block,
+                                  self.device)
         self.text_encoder = _shell(UMT5Encoder, v.text, text_rest, self.dtype)
-        self.text_store, ram = _store(text_blocks, lambda n, t: self.dtype, ram)
+        self.text_store, ram = _store(text_blocks, lambda n, t: t.dtype if is_quantized(n, t) else self.dtype, ram)
         self.vae = _shell(WanVAE, v.vae, ckpt.vae_state(), None)  # fp32, as the official code
         self.clip = self.clip_store = None
         if v.clip is not None:
             clip_rest, clip_blocks = split_blocks(ckpt.clip_state(), v.clip.use_layers, prefix="transformer")
             self.clip = _shell(CLIPVision, v.clip, clip_rest, self.dtype)
             self.clip_store, ram = _store(clip_blocks, lambda n, t: self.dtype, ram)
-
-    @property
-    def variant(self):
-        return self.ckpt.variant
 
     def _compiled_block(self):
         """An engine's compiled block for this device (none: the eager block runs), unless the DiT was configured
@@ -179,13 +184,14 @@ class WanPipeline:
     def _dit_dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
         """A DiT block tensor's dtype in memory: quantized weights and their scales as stored (an engine's scheme),
         the official fp32 modulation, everything else the compute dtype."""
-        if t.dtype in (torch.int8, torch.float8_e4m3fn) or name.endswith("weight_scale"):
+        if is_quantized(name, t):
             return t.dtype
         return torch.float32 if keeps_fp32(name) else self.dtype
 
-    def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None) -> Plan:
+    def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None, branches: int = 2) -> Plan:
+        """branches: 2 with classifier-free guidance, 1 at guidance scale 1 (one DiT pass per step)."""
         budget = self.vram_budget if budget is None else budget
-        return make_plan(self.variant, lat, steps, budget, self.dtype, self.vae_dtype)
+        return make_plan(self.variant, lat, steps, budget, self.dtype, self.vae_dtype, branches)
 
     def latent_shape(self, size: str, frame_num: int, image=None) -> tuple[int, int, int]:
         """(frames, height, width) of the latents; I2V keeps the image's aspect ratio under size's area."""
@@ -204,23 +210,35 @@ class WanPipeline:
         img = load_image(image, w * h) if image is not None else None
         return req, img, self.latent_shape(req.size, req.frame_num, img)
 
-    def describe_plan(self, size: str | None, frame_num: int | None, sample_steps: int | None, image=None) -> str:
-        """The plan `generate` would follow, and where the blocks live in host memory."""
+    def describe_plan(self, size: str | None = None, frame_num: int | None = None, sample_steps: int | None = None,
+                      image=None, sample_guide_scale: float | None = None) -> str:
+        """The plan `generate` would follow, what runs, and where the blocks live in host memory."""
         v = self.variant
-        req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps)
+        req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps,
+                                    sample_guide_scale=sample_guide_scale)
         size, frame_num, steps = req.size, req.frame_num, req.sample_steps
+        branches = self._branches(req)
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
-        return f"{v.name} {size} x {frame_num} frames, {steps} steps, latents {lat}\n" + \
-            self.plan(lat, steps).describe() + f"\n  host: {stores}"
+        return (f"{v.name} {size} x {frame_num} frames, {steps} steps x {branches} DiT pass{'es' * (branches > 1)}, "
+                f"latents {lat}\n  runs: attention {v.dit.attention}, DiT blocks {v.dit.quant}, text blocks "
+                f"{v.text.quant}\n" + self.plan(lat, steps, branches=branches).describe() + f"\n  host: {stores}")
+
+    def _branches(self, req: Request) -> int:
+        """DiT passes per step: 2 with classifier-free guidance, 1 at guidance scale 1 (its result is the
+        conditional prediction alone)."""
+        guide = self.variant.sample_guide_scale if req.sample_guide_scale is None else req.sample_guide_scale
+        return 1 if guide == 1 else 2
 
     @torch.no_grad()
     def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int | None = None,
                  sample_steps: int | None = None, sample_shift: float | None = None,
                  sample_guide_scale: float | None = None,
                  sample_solver: str = "unipc", base_seed: int = -1, neg_prompt: str = "",
-                 progress: bool = True) -> Video:
+                 progress: bool = True, callback: Callable[[int, int], None] | None = None) -> Video:
+        """One video. Arguments as the official generate.py's flags; `callback(step, steps)` is called after each
+        denoising step (e.g. for a progress bar of your own)."""
         v = self.variant
         req, img, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps,
                                       sample_shift=sample_shift, sample_guide_scale=sample_guide_scale,
@@ -234,11 +252,13 @@ class WanPipeline:
         guide = v.sample_guide_scale if sample_guide_scale is None else sample_guide_scale
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
-        plan = self.plan(lat, steps)  # before any GPU work: refuses here if the budget cannot fit
+        branches = self._branches(req)
+        prompts = [prompt, neg_prompt][:branches]  # guidance 1: no unconditional branch, no negative prompt
+        plan = self.plan(lat, steps, branches=branches)  # before any GPU work: refuses here if the budget cannot fit
         self.phase_stats = {}
-        run = functools.partial(self._run_phase, plan, lat, steps, progress)
+        run = functools.partial(self._run_phase, plan, lat, steps, branches, progress)
 
-        context, context_null = run("text", self._encode_text, [prompt, neg_prompt])
+        contexts = run("text", self._encode_text, prompts)
         clip_fea = cond = None
         if img is not None:
             clip_fea = run("clip", self._encode_image, img)
@@ -247,11 +267,10 @@ class WanPipeline:
         g = torch.Generator().manual_seed(seed)
         latents = torch.randn(1, v.vae.z_dim, *lat, generator=g).to(self.device)
         solver = make_solver(sample_solver, steps, shift)
-        ctx, ctx_null, temb = run("embed", self._embed, context, context_null, clip_fea, solver.timesteps)
-        del context, context_null, clip_fea
-        latents = run("denoise", self._denoise, latents, cond, ctx, ctx_null, temb, solver, guide,
-                      progress)
-        del ctx, ctx_null, temb, cond
+        contexts, temb = run("embed", self._embed, contexts, clip_fea, solver.timesteps)
+        del clip_fea
+        latents = run("denoise", self._denoise, latents, cond, contexts, temb, solver, guide, progress, callback)
+        del contexts, temb, cond
         if not torch.isfinite(latents).all():  # one sync per video: never decode and write garbage
             raise GenerationError("the denoised latents hold NaN or inf values; nothing was written (a model or "
                                   "quantization problem: try --scheme bf16 or another attention mode)")
@@ -259,7 +278,7 @@ class WanPipeline:
         return Video(to_uint8_frames(video[0]), FPS, seed)
 
     # -- phases: each takes its PhasePlan first
-    def _run_phase(self, plan: Plan, lat, steps, progress: bool, name: str, fn, *args):
+    def _run_phase(self, plan: Plan, lat, steps, branches: int, progress: bool, name: str, fn, *args):
         """Run one phase under its plan. If the GPU still runs out of memory (another process took some), re-plan
         the phase once for what is free now, then fail with a clear message."""
         if progress and name in PHASE_LINES:  # the denoise phase has its own progress bar
@@ -274,7 +293,7 @@ class WanPipeline:
         warnings.warn(f"out of GPU memory in the {name} phase; retrying it with a {smaller / 2**30:.2f} GiB plan",
                       stacklevel=3)
         try:
-            phase = plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype)
+            phase = plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype, branches)
             return self._measured(name, phase, fn, *args)
         except (torch.OutOfMemoryError, PlanError) as e:
             raise GenerationError(f"out of GPU memory in the {name} phase even after re-planning for "
@@ -332,15 +351,21 @@ class WanPipeline:
         mask[:, :, 0] = 1  # the first latent frame stands for 4 given frames (the official repeat of frame 0)
         return torch.cat([mask, y.to(mask.dtype)], dim=1)
 
-    def _embed(self, phase: PhasePlan, context, context_null, clip_fea, timesteps):
+    def _embed(self, phase: PhasePlan, contexts: list[torch.Tensor], clip_fea, timesteps):
+        """The branches' embedded contexts (conditional first) and the whole schedule's time embeddings."""
         dit = self.dit
         parts = [dit.text_embedding, dit.time_embedding, dit.time_projection, getattr(dit, "img_emb", None)]
         with on_device(parts, self.device):
-            ctx, ctx_null = dit.embed_context(context, clip_fea), dit.embed_context(context_null, clip_fea)
-            temb = dit.embed_time(timesteps.to(self.device))  # the whole schedule at once
-        return ctx, ctx_null, temb
+            contexts = [dit.embed_context(c, clip_fea) for c in contexts]
+            temb = dit.embed_time(timesteps.to(self.device))
+        return contexts, temb
 
-    def _denoise(self, phase: PhasePlan, latents, cond, ctx, ctx_null, temb, solver, guide_scale, progress):
+    def _denoise(self, phase: PhasePlan, latents, cond, contexts, temb, solver, guide_scale, progress,
+                 callback=None):
+        """The sampling loop. With guidance, where blocks stream, the conditional and the unconditional branch run
+        each block in turn while it is on the GPU (half the host-to-device traffic of one pass per branch); with
+        every block resident they run one after the other (no second residual stream). At guidance 1 there is one
+        branch. The plan decides (`phase.shared`)."""
         e, e0 = temb
         solver.reset()  # a re-planned retry starts the schedule again
         with self._streamer(self.dit_store, phase) as streamer, \
@@ -348,9 +373,11 @@ class WanPipeline:
             for i in tqdm(range(solver.steps), desc="denoise", unit="step", disable=not progress):
                 t = (e[i : i + 1], e0[i : i + 1])
                 x = latents if cond is None else torch.cat([latents, cond], dim=1)
-                v_cond = self.dit.denoise(x, t, ctx, streamer, phase.chunk)
-                v_uncond = self.dit.denoise(x, t, ctx_null, streamer, phase.chunk)
-                latents = solver.step(cfg(v_cond, v_uncond, guide_scale), i, latents)
+                v = (self.dit.denoise(x, t, contexts, streamer, phase.chunk) if phase.shared is not False else
+                     [self.dit.denoise(x, t, c, streamer, phase.chunk) for c in contexts])
+                latents = solver.step(v[0] if len(v) == 1 else cfg(v[0], v[1], guide_scale), i, latents)
+                if callback is not None:
+                    callback(i + 1, solver.steps)
         return latents
 
     def _decode(self, phase: PhasePlan, latents: torch.Tensor) -> torch.Tensor:
@@ -389,18 +416,54 @@ def i2v_latent_size(hw: tuple[int, int], max_area: int, stride, patch) -> tuple[
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         vram_budget: int | None = None, ram_budget: int | None = None,
-         vae_dtype: torch.dtype | None = None, trust_engine: bool = False) -> WanPipeline:
+         vae_dtype: torch.dtype | None = None, trust_engine: bool = False, **options) -> WanPipeline:
     """`wanrt.load(dir)`: open an official or diffusers Wan2.1 checkpoint, or an engine (None: the embedded demo
-    model), and build its pipeline. Budgets in bytes; VRAM defaults to the free memory minus a margin, RAM to what is
-    available minus 2 GiB. An engine's compiled block runs only if this machine exported it, or with trust_engine."""
-    device = resolve_device(device)  # before reading any weights
-    return WanPipeline(open_source(DEMO_MODEL if path is None else path, trust_engine), device, dtype, vram_budget, ram_budget, vae_dtype)
+    model), and build its pipeline. `options` are RunOptions' (attention, scheme, text_scheme, vram_budget,
+    ram_budget: the flags of `wanrt generate`). An engine's compiled block runs only if this machine exported it, or
+    with trust_engine."""
+    options = RunOptions(**options)  # before reading any weights
+    device = resolve_device(device)
+    return WanPipeline(open_source(DEMO_MODEL if path is None else path, trust_engine), device, dtype, options,
+                       vae_dtype)
 
 
 def open_source(path: str | Path, trust_engine: bool = False):
     """An engine directory (verified first: hashes, format, GPU capability) or a checkpoint directory."""
     return open_engine(path, trust_engine=trust_engine) if is_engine(path) else open_checkpoint(path)
+
+
+def resolve_options(src, options: RunOptions, device: torch.device):
+    """The variant to run: the source's, with the attention mode and weight schemes the options ask for, or an
+    engine's recorded ones, or the defaults; checked against this device once, before any weight is read."""
+    recorded = getattr(src, "manifest", {}).get("options", {})
+    v = src.variant
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    attention = options.attention or recorded.get("attention", "auto")
+    if attention == "auto":  # the fastest mode measured to keep quality here; SDPA where none was measured
+        attention = AUTO_ATTENTION.get(cap, "sdpa") if has_triton() else "sdpa"
+    check_mode(attention, cap)  # an explicit mode this GPU cannot run: one clear line
+    scheme, text_scheme = options.scheme or v.dit.quant, options.text_scheme or v.text.quant
+    for what, stored, want in (("DiT", v.dit.quant, scheme), ("text", v.text.quant, text_scheme)):
+        if stored != "bf16" and want != stored:
+            raise ValueError(f"this engine stores {stored} {what} blocks, so it cannot run them as {want}: export "
+                             f"the checkpoint again with that scheme, or open the checkpoint itself")
+    scheme = resolve_scheme(scheme, device)  # a scheme this GPU cannot run falls back, with a warning saying so
+    return dataclasses.replace(v, dit=dataclasses.replace(v.dit, quant=scheme, attention=attention),
+                               text=dataclasses.replace(v.text, quant=text_scheme))
+
+
+def requantized(blocks: list[dict], stored: str, scheme: str, quantize, device: torch.device) -> list[dict]:
+    """Blocks stored in one scheme, as `scheme` needs them in host memory: quantized from bf16, or (an engine on a GPU
+    that cannot run its scheme) dequantized and quantized for the fallback. One block at a time goes through the
+    device, whose kernels quantize many times faster than the CPU's reference."""
+    if scheme == stored:
+        return blocks
+    out = []
+    for block in blocks:
+        block = {k: t.to(device) for k, t in block.items()}
+        block = quantize(block if stored == "bf16" else dequantize_block(block), scheme)
+        out.append({k: t.cpu() for k, t in block.items()})
+    return out
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quant.formats import TEXT_LINEARS, dequantize_block
 from .config import TextConfig
 
 BLOCK_KEYS = (
@@ -84,6 +85,8 @@ def text_block(x: torch.Tensor, bias: torch.Tensor, buckets: torch.Tensor, w: di
     host syncs, so a streamer can hand in weights it has just moved and the block can be compiled with fullgraph=True.
     """
     b, s, _ = x.shape
+    if "attn.q.weight_scale" in w:  # a weight-only quantized block (text_scheme int8 or fp8)
+        w = dequantize_block(w, x.dtype, TEXT_LINEARS)
     table = w["pos_embedding.embedding.weight"]  # [num_buckets, H]
     heads = table.shape[1]
     h = rms_norm(x, w["norm1.weight"], eps)
