@@ -319,12 +319,16 @@ class WanDiT(nn.Module):
         e0 = F.linear(F.silu(e), self.time_projection[1].weight.float(), self.time_projection[1].bias.float())
         return e, e0.unflatten(1, (6, self.cfg.dim))
 
-    def denoise(self, x: torch.Tensor, time: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor,
-                weights: Callable[[int], Weights] | None = None, chunk: int | None = None) -> torch.Tensor:
-        """x [B, in_dim, F, H, W] latents; time: (e, e0) from `embed_time`; context from `embed_context`.
+    def denoise(self, x: torch.Tensor, time: tuple[torch.Tensor, torch.Tensor],
+                context: torch.Tensor | list[torch.Tensor], weights: Callable[[int], Weights] | None = None,
+                chunk: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """x [B, in_dim, F, H, W] latents; time: (e, e0) from `embed_time`; context from `embed_context`, or a list of
+        them (the branches of classifier-free guidance): each block is then fetched once and run on every branch's
+        residual stream in turn, exactly as separate calls would, and a list of velocities comes back.
         `weights(i)` supplies block i's tensors (default: this module's own; a streamer passes its GPU slots);
         `chunk` bounds the tokens processed at once. Returns the velocity [B, out_dim, F, H, W] in fp32."""
         cfg = self.cfg
+        contexts = context if isinstance(context, list) else [context]
         weights = weights or self.block_weights
         e, e0 = time
         pt, ph, pw = cfg.patch_size
@@ -335,16 +339,18 @@ class WanDiT(nn.Module):
         x = tokens.new_empty(tokens.shape[0], tokens[0, 0].numel(), cfg.dim, dtype=torch.float32)
         x.copy_(tokens.flatten(2).transpose(1, 2))
         del tokens
+        streams = [x] + [x.clone() for _ in contexts[1:]]
         rope = rope_tables(cfg.head_dim, grid, x.device)
         block = self.compiled_block if self.compiled_block and self.compiled_block.fits(x.shape[1], chunk) \
             else block_forward
         for i in range(cfg.num_layers):
-            x = block(x, e0, context, rope, weights(i), cfg, chunk)
+            w = weights(i)
+            streams = [block(s, e0, c, rope, w, cfg, chunk) for s, c in zip(streams, contexts)]
         shift, scale = (self.head.modulation.float() + e[:, None]).chunk(2, dim=1)
         head_w, head_b = self.head.head.weight.float(), self.head.head.bias.float()
-        out = torch.cat([F.linear(modulate(x[:, s], shift, scale, cfg.eps), head_w, head_b)
-                         for s in spans(x.shape[1], chunk)], dim=1)
-        return unpatchify(out, grid, cfg)
+        out = [unpatchify(torch.cat([F.linear(modulate(s[:, t], shift, scale, cfg.eps), head_w, head_b)
+                                     for t in spans(s.shape[1], chunk)], dim=1), grid, cfg) for s in streams]
+        return out if isinstance(context, list) else out[0]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None) -> torch.Tensor:

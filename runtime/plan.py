@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from ..quant.formats import quantize_block
+from ..quant.formats import quantize_block, quantize_text_block
 from .clip import CLIPVision
 from .config import Variant
 from .dit import WanDiT, rope_tables
@@ -171,6 +171,7 @@ class PhasePlan:
     blocks: StreamPlan | None = None
     chunk: int | None = None
     tile: tuple[int, int] | None = None
+    shared: bool | None = None  # denoise with guidance: both branches run each block while it is on the GPU
 
     @property
     def peak_bytes(self) -> int:
@@ -185,6 +186,8 @@ class PhasePlan:
                          f"through {b.slots} slots of {b.block_bytes / MiB:.0f} MiB")
         if self.name == "denoise":
             parts.append(f"tokens per chunk {self.chunk or 'all'}")
+            if self.shared is not None:
+                parts.append("CFG branches share each block" if self.shared else "one pass per CFG branch")
         if self.name == "text":
             parts.append("prompts encoded together" if self.chunk is None else "one prompt at a time")
         if self.name in ("decode", "encode"):
@@ -234,19 +237,25 @@ def stream_options(num_blocks: int, block_bytes: int) -> list[StreamPlan]:
 
 
 def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: dict) -> PhasePlan:
-    """Pick the blocks' placement and the token chunk (keys of `activations`; None = all tokens at once).
+    """Pick the blocks' placement and the token chunk (keys of `activations`: a chunk, None = all tokens at once,
+    or for the guided denoise phase (chunk, shared)).
 
-    Preference: every block resident; else a ring of at least two slots, so copies overlap compute (one slot
-    serialises them); then larger chunks (fewer, larger kernels); then more resident blocks (less PCIe traffic,
-    which the ring already hides); then a deeper ring (it only helps links slower than the compute)."""
+    Preference: every block resident (then the branches run one after the other: no second residual stream); else
+    a ring of at least two slots, so copies overlap compute (one slot serialises them); then CFG branches sharing
+    each streamed block (half the copies); then larger chunks (fewer, larger kernels); then more resident blocks
+    (less PCIe traffic, which the ring already hides); then a deeper ring (it only helps links slower than the
+    compute)."""
 
     def key(c: PhasePlan):
         b = c.blocks
         streamed = bool(b and b.streamed)
-        return (streamed, -min(b.slots, 2) if streamed else 0, -(c.chunk or float("inf")),
+        unwanted_sharing = bool(c.shared) != streamed  # shared only pays when blocks stream
+        return (streamed, -min(b.slots, 2) if streamed else 0, unwanted_sharing, -(c.chunk or float("inf")),
                 -(b.resident if b else 0), -(b.slots if b else 0))
 
-    candidates = [PhasePlan(name, fixed, act, b, chunk) for b in (blocks or [None]) for chunk, act in activations.items()]
+    keyed = {(k if isinstance(k, tuple) else (k, None)): act for k, act in activations.items()}
+    candidates = [PhasePlan(name, fixed, act, b, chunk, shared=shared)
+                  for b in (blocks or [None]) for (chunk, shared), act in keyed.items()]
     return choose(sorted(candidates, key=key), budget)
 
 
@@ -262,7 +271,10 @@ def _block_bytes(model) -> int:
     return BlockLayout.of_block(model.block_weights(0), lambda k, v: v.dtype).nbytes
 
 
-def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
+def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype,
+                  branches: int = 2) -> PhasePlan:
+    """The DiT over the schedule; with guidance, both branches (conditional, unconditional) run each block in turn
+    while it is on the GPU, each with its own residual stream (traced below)."""
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
     shell = meta_bytes([*model.patch_embedding.parameters(), *model.head.parameters()])
@@ -271,19 +283,20 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     ctx = torch.empty(1, ctx_len, cfg.dim, device="meta", dtype=dtype)
     time = (torch.empty(1, cfg.dim, device="meta"), torch.empty(1, 6, cfg.dim, device="meta"))
     latent = 4 * cfg.out_dim * lat[0] * lat[1] * lat[2]
-    # both contexts, the schedule's time embeddings, and ~10 latent-sized fp32 tensors of the sampler and CFG
+    # the contexts, the schedule's time embeddings, and ~10 latent-sized fp32 tensors of the sampler and CFG
     tokens = lat[0] * lat[1] * lat[2] // (cfg.patch_size[1] * cfg.patch_size[2])
     grid = (lat[0] // cfg.patch_size[0], lat[1] // cfg.patch_size[1], lat[2] // cfg.patch_size[2])
     rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
-    fixed = shell + 2 * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
+    fixed = shell + branches * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
     rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
     block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
-    acts = {c: trace_peak(model.denoise, x, time, ctx, lambda i: block, c) for c in CHUNKS if c is None or c < tokens}
+    acts = {(c, shared): trace_peak(model.denoise, x, time, [ctx] * (branches if shared else 1), lambda i: block, c)
+            for c in CHUNKS if c is None or c < tokens for shared in ((False, True) if branches > 1 else (None,))}
     block_bytes = BlockLayout.of_block(block, lambda k, v: v.dtype).nbytes
     return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, block_bytes), acts)
 
 
-def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> PhasePlan:
+def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype, branches: int = 2) -> PhasePlan:
     """Context and time embeddings, once per generation, with the DiT's non-block weights."""
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
@@ -293,23 +306,26 @@ def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype) -> Phas
     act = max(trace_peak(model.embed_context, context, clip),
               trace_peak(model.embed_time, torch.empty(steps, device="meta")))
     ctx_len = cfg.text_len + (cfg.image_tokens if v.clip else 0)
-    # held through the phase: both text contexts in, both embedded contexts and the schedule's time embeddings out
-    held = 2 * meta_bytes([context]) + 2 * ctx_len * cfg.dim * dtype.itemsize + steps * 7 * cfg.dim * 4
+    # held through the phase: the text contexts in, the embedded contexts and the schedule's time embeddings out
+    held = branches * meta_bytes([context]) + branches * ctx_len * cfg.dim * dtype.itemsize + steps * 7 * cfg.dim * 4
     return best_phase("embed", budget, meta_bytes(weights) + held, None, {None: act})
 
 
-def text_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
-    """umT5: the token table stays in host RAM (only the prompt's rows are gathered); blocks stream. The prompt and
-    the negative prompt go through together (chunk None) or, when that does not fit, one at a time (chunk 1: half
-    the activations, twice the blocks streamed)."""
+def text_phase(v: Variant, budget: int, dtype: torch.dtype, branches: int = 2) -> PhasePlan:
+    """umT5: the token table stays in host RAM (only the prompt's rows are gathered); blocks stream, as stored
+    (weight-only quantized blocks are dequantized one block at a time, traced). With guidance the prompt and the
+    negative prompt go through together (chunk None) or, when that does not fit, one at a time (chunk 1: half the
+    activations, twice the blocks streamed); without, the prompt alone."""
     cfg = v.text
     model = _one_block_model(UMT5Encoder, cfg, dtype)
+    block = quantize_text_block(model.block_weights(0), cfg.quant)
     acts = {}
-    for chunk, batch in ((None, 2), (1, 1)):
+    for chunk, batch in ((None, branches), (1, 1))[: branches]:
         ids = torch.empty(batch, cfg.text_len, dtype=torch.long, device="meta")
-        acts[chunk] = trace_peak(model.forward, ids, torch.empty_like(ids))
-    return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers,
-                      _block_bytes(model)), acts)
+        acts[chunk] = trace_peak(model.forward, ids, torch.empty_like(ids), lambda i: block)
+    block_bytes = BlockLayout.of_block(block, lambda k, t: t.dtype).nbytes
+    return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers, block_bytes),
+                      acts)
 
 
 def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
@@ -406,30 +422,31 @@ def _coverage(tile, h: int, w: int) -> float:
 
 
 def plan_phase(name: str, v: Variant, lat: tuple[int, int, int], steps: int, budget: int,
-               dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.bfloat16) -> PhasePlan:
+               dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.bfloat16,
+               branches: int = 2) -> PhasePlan:
     """One phase's plan; lat = latent (frames, height, width); dtype of the transformers, vae_dtype of the VAE's
-    convolutions."""
+    convolutions; branches: 2 with classifier-free guidance, 1 without (guidance scale 1)."""
     if name == "text":
-        return text_phase(v, budget, dtype)
+        return text_phase(v, budget, dtype, branches)
     if name == "clip":
         return clip_phase(v, budget, dtype)
     if name == "embed":
-        return embed_phase(v, steps, budget, dtype)
+        return embed_phase(v, steps, budget, dtype, branches)
     if name == "denoise":
-        return denoise_phase(v, lat, steps, budget, dtype)
+        return denoise_phase(v, lat, steps, budget, dtype, branches)
     return vae_phase(name, v, lat, budget, vae_dtype)
 
 
 @functools.lru_cache(maxsize=16)
 def make_plan(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype = torch.bfloat16,
-              vae_dtype: torch.dtype = torch.bfloat16) -> Plan:
+              vae_dtype: torch.dtype = torch.bfloat16, branches: int = 2) -> Plan:
     """Plan every phase of one generation with latents of (frames, height, width) under `budget` bytes of VRAM,
     or raise PlanError naming the smallest budget that would fit."""
     names = ["text"] + (["clip", "encode"] if v.task == "i2v" else []) + ["embed", "denoise", "decode"]
     phases, errors = [], []
     for name in names:
         try:
-            phases.append(plan_phase(name, v, lat, steps, budget, dtype, vae_dtype))
+            phases.append(plan_phase(name, v, lat, steps, budget, dtype, vae_dtype, branches))
         except PlanError as e:
             errors.append(e)
     if errors:  # name the budget that fits every phase
