@@ -14,7 +14,6 @@ and markdown) is rewritten after every row, so an interrupted run (Ctrl-C) keeps
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import platform
 import statistics
@@ -30,6 +29,7 @@ from wanrt.bench.link import LinkEmulator, h2d_rate
 from wanrt.bench.memwatch import PeakWatch
 from wanrt.bench.report import markdown, plots, validate
 from wanrt.bench.roofline import measured_peaks, phase_flops, roofline
+from wanrt.runtime.options import RunOptions
 from wanrt.runtime.pipeline import WanPipeline, default_vram_budget, on_device
 from wanrt.runtime.plan import PlanError
 from wanrt.runtime.sampler import cfg, default_neg_prompt, default_shift, make_solver
@@ -123,8 +123,10 @@ class Bench:
             "machine": machine_info(device),
             "config": {"variant": v.name, "size": self.size, "frame_num": args.frame_num, "latents": list(self.lat),
                        "steps_whole": args.steps, "runs": args.runs, "warmup": args.warmup,
-                       "link_gbps": args.link_gbps, "prompt": args.prompt},
+                       "link_gbps": args.link_gbps, "prompt": args.prompt,
+                       "sample_guide_scale": args.sample_guide_scale},
             "rows": [], "link": None, "peaks": None}
+        self.branches = 1 if args.sample_guide_scale == 1 else 2  # guidance 1: one DiT pass per step
         self.link = LinkEmulator(args.link_gbps, device) if args.link_gbps else None
         if device.type == "cuda":
             self.report["peaks"] = {**measured_peaks(device), "h2d_gbps": round(h2d_rate(device) / 1e9, 1)}
@@ -145,14 +147,9 @@ class Bench:
 
     # -- wanrt rows
     def pipeline(self, attention: str) -> WanPipeline:
-        v = self.source.variant
-        if v.dit.attention != attention:
-            variant = dataclasses.replace(v, dit=dataclasses.replace(v.dit, attention=attention))
-            if dataclasses.is_dataclass(self.source):  # a Checkpoint (frozen)
-                self.source = dataclasses.replace(self.source, variant=variant)
-            else:
-                self.source.variant = variant
-        pipe = WanPipeline(self.source, device=self.device)
+        a = self.args
+        options = RunOptions(attention=attention, scheme=a.scheme, text_scheme=a.text_scheme)
+        pipe = WanPipeline(self.source, device=self.device, options=options)
         pipe.block_copy = self.link
         return pipe
 
@@ -166,16 +163,18 @@ class Bench:
     def wanrt_row(self, pipe: WanPipeline, attention: str, budget: int | None) -> dict:
         a, dev = self.args, self.device
         row = {"engine": "wanrt", "setting": setting_name(budget), "budget_gib": None if budget is None else budget / GiB,
-               "scheme": pipe.variant.dit.quant, "attention": attention, "backend": "eager", "phases": {}, "error": None}
+               "scheme": pipe.variant.dit.quant, "text_scheme": pipe.variant.text.quant,
+               "attention": pipe.variant.dit.attention, "guide_scale": a.sample_guide_scale, "backend": "eager",
+               "phases": {}, "error": None}
         pipe.vram_budget = default_vram_budget(dev) if budget is None else budget
         try:
-            plan = pipe.plan(self.lat, a.steps)
+            plan = pipe.plan(self.lat, a.steps, branches=self.branches)
         except PlanError as e:
             row["error"] = str(e)
             return row
         cap(dev, budget)
         x = self.inputs(pipe)
-        prompts = [a.prompt, default_neg_prompt(pipe.variant.task)]
+        prompts = [a.prompt, default_neg_prompt(pipe.variant.task)][: self.branches]
         phases, streamed = row["phases"], self.streamed_bytes(plan)
         rate = self.link.rate if self.link else (self.report["peaks"] or {}).get("h2d_gbps", 0) * 1e9
 
@@ -186,27 +185,27 @@ class Bench:
                 stats["roofline"] = roofline(self.flops[name], streamed[name], self.report["peaks"], rate)
             phases[name] = stats
 
-        self.progress(f"wanrt {row['setting']}, attention {attention}: text")
-        (ctx, ctx_null), stats = measure(lambda: pipe._encode_text(plan.phase("text"), prompts), dev, a.warmup,
-                                         a.runs)
+        self.progress(f"wanrt {row['setting']}, attention {row['attention']}: text")
+        contexts, stats = measure(lambda: pipe._encode_text(plan.phase("text"), prompts), dev, a.warmup, a.runs)
         record("text", stats)
-        emb = pipe._embed(plan.phase("embed"), ctx, ctx_null, None, x["solver"].timesteps)
+        emb = pipe._embed(plan.phase("embed"), contexts, None, x["solver"].timesteps)
         denoise = plan.phase("denoise")
-        step = lambda: pipe._denoise(denoise, x["latents"], None, *emb[:2], emb[2], x["solver"], GUIDE, False)
-        self.progress(f"wanrt {row['setting']}: one denoise step with CFG")
+        step = lambda: pipe._denoise(denoise, x["latents"], None, *emb, x["solver"], a.sample_guide_scale, False)
+        self.progress(f"wanrt {row['setting']}: one denoise step, guidance {a.sample_guide_scale:g}")
         with self.recording_link(denoise):
             _, stats = measure(step, dev, a.warmup, a.runs)
         record("denoise_step", stats)
         self.progress(f"wanrt {row['setting']}: decode")
         video, stats = measure(lambda: pipe._decode(plan.phase("decode"), x["latents"]), dev, a.warmup, a.runs)
         record("decode", stats)
-        if budget is None and not self.reference:  # the peers are compared with the first resident row
-            self.reference = {"context": ctx, "context_null": ctx_null, "video": video, "t": x["t"],
+        if budget is None and not self.reference and self.branches == 2:  # peers compare with the first resident row
+            self.reference = {"context": contexts[0], "context_null": contexts[1], "video": video, "t": x["t"],
                               "latents": x["latents"], "velocity": self.velocity(pipe, plan, emb, x)}
         del video, emb
         self.progress(f"wanrt {row['setting']}: whole generation, {a.steps} steps")
-        _, stats = measure(lambda: pipe.generate(a.prompt, size=self.size, frame_num=a.frame_num,
-                                                 sample_steps=a.steps, base_seed=0, progress=False), dev, 0, 1)
+        _, stats = measure(lambda: pipe.generate(a.prompt, size=self.size, frame_num=a.frame_num, sample_steps=a.steps,
+                                                 sample_guide_scale=a.sample_guide_scale, base_seed=0,
+                                                 progress=False), dev, 0, 1)
         stats["phase_stats"] = {name: {"predicted_gib": round(s["predicted_peak"] / GiB, 3),
                                        "max_reserved_gib": round(s["max_reserved"] / GiB, 3),
                                        "seconds": round(s["seconds"], 3)} for name, s in pipe.phase_stats.items()}
@@ -216,12 +215,12 @@ class Bench:
 
     def streamed_bytes(self, plan) -> dict[str, int]:
         """Weight bytes each phase moves over the host link: text one pass (two when the prompts go one at a time),
-        a CFG step two, decode none."""
+        a denoise step one (both CFG branches run each block while it is on the GPU), decode none."""
         def per_pass(name: str) -> int:
             b = plan.phase(name).blocks
             return (b.num_blocks - b.resident) * b.block_bytes if b and b.streamed else 0
         text_passes = 1 if plan.phase("text").chunk is None else 2
-        return {"text": text_passes * per_pass("text"), "denoise_step": 2 * per_pass("denoise"), "decode": 0}
+        return {"text": text_passes * per_pass("text"), "denoise_step": per_pass("denoise"), "decode": 0}
 
     @contextmanager
     def recording_link(self, denoise_phase):
@@ -240,12 +239,11 @@ class Bench:
     def velocity(self, pipe: WanPipeline, plan, emb, x) -> torch.Tensor:
         """wanrt's guided velocity for the fixed inputs at the first timestep (what a peer's step is compared with)."""
         phase = plan.phase("denoise")
-        e, e0 = emb[2]
+        contexts, (e, e0) = emb
         t = (e[:1], e0[:1])
         with pipe._streamer(pipe.dit_store, phase) as s, \
                 on_device([pipe.dit.patch_embedding, pipe.dit.head], self.device):
-            cond = pipe.dit.denoise(x["latents"], t, emb[0], s, phase.chunk)
-            uncond = pipe.dit.denoise(x["latents"], t, emb[1], s, phase.chunk)
+            cond, uncond = pipe.dit.denoise(x["latents"], t, contexts, s, phase.chunk)
         return cfg(cond, uncond, GUIDE)
 
     # -- peers
@@ -285,6 +283,18 @@ class Bench:
             row["phases"]["decode"] = stats
             del out
             self.add(row)
+        self.progress(f"diffusers WanPipeline, resident: whole generation, {a.steps} steps")
+        row = self.blank_row("diffusers", "pipeline resident")
+        model = peers.diffusers_dit(v, state, pipe_dtype(dev))
+        cap(dev, None)
+        generate = peers.pipeline_generate(model, vae, default_shift(v.task, self.size), dev)
+        w, h = (int(n) for n in self.size.split("*"))
+        _, stats = measure(lambda: generate(ref["context"], ref["context_null"], w, h, a.frame_num, a.steps, GUIDE),
+                           dev, 0, 1)
+        row["phases"]["generate"] = stats
+        del model, generate
+        gc.collect()
+        self.add(row)
 
     def guarded_row(self, pipe, attention: str, budget: int | None) -> dict:
         """The row, or on running out of memory the same row with the error (a broken budget is a result too)."""

@@ -52,6 +52,24 @@ def dit_step(model, offload: dict | None, device: torch.device):
     return step
 
 
+def pipeline_generate(dit, vae, shift: float, device: torch.device):
+    """diffusers' WanPipeline of these two models, resident, handed the prompt embeddings (its text encoder is not
+    counted): generate(context, context_null, width, height, frames, steps, guide) -> video [B, 3, F, H, W]."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=shift)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=dit.to(device), vae=vae.to(device),
+                       scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(context, context_null, width, height, frames, steps, guide):
+        return pipe(prompt_embeds=context, negative_prompt_embeds=context_null, height=height, width=width,
+                    num_frames=frames, num_inference_steps=steps, guidance_scale=guide, output_type="pt",
+                    generator=torch.Generator(device).manual_seed(0)).frames
+    return generate
+
+
 def diffusers_vae(v: Variant, state: dict[str, torch.Tensor], dtype: torch.dtype):
     """AutoencoderKLWan with our official-layout VAE weights."""
     from diffusers import AutoencoderKLWan

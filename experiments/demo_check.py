@@ -1,12 +1,13 @@
 """The demo model's semantic check under every engine scheme, memory plan and attention kernel (a GPU script).
 
-    python -m experiments.demo_check [--model DIR] [--schemes bf16,fp8] [--attention sdpa]
-                                     [--settings default,smallest,streamed,slots,chunks,text,tiles]
+    python -m experiments.demo_check [--model DIR] [--schemes bf16,fp8] [--text-schemes bf16,int8]
+                                     [--attention auto,sdpa] [--settings default,smallest,streamed,slots,chunks,text,tiles]
                                      --out DIR
 
 The demo model (the shipped one, or a checkpoint written by `python -m training.train_demo`) is exported once
-per scheme; each engine generates the 20 fixed prompts and seeds of `training.synthetic.evaluate` (the bf16
-engine with each attention kernel this GPU supports, the others with SDPA), planned for the default VRAM budget and for the smallest
+per DiT scheme and text scheme; each engine generates the 20 fixed prompts and seeds of `training.synthetic.evaluate`
+(the bf16 engine with each attention mode this GPU supports, "auto" included, the others with auto), planned for the
+default VRAM budget and for the smallest
 budget the planner accepts (the budgets that exist: for this tiny model both keep everything resident). As
 diagnostics, `--settings` can also force the streaming paths only large models take (blocks through two slots,
 chunked tokens, one prompt at a time, tiled decode), all at once ("streamed") or one alone. A row passes at >= 90% of
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +29,13 @@ from wanrt.export.engine import export_engine
 from training.synthetic import evaluate
 from wanrt.kernels.attention import MIN_CAPABILITY
 from wanrt.quant.formats import SCHEMES
-from wanrt.runtime.pipeline import DEMO_MODEL
 from wanrt.runtime.engine import open_engine
-from wanrt.runtime.pipeline import WanPipeline
+from wanrt.runtime.options import TEXT_SCHEMES, RunOptions
+from wanrt.runtime.pipeline import DEMO_MODEL, WanPipeline
 from wanrt.runtime.plan import PhasePlan, Plan, PlanError
 
 PASS_RATE = 0.9
-ATTENTION = ("sdpa", "fp8", "int8")
+ATTENTION = ("auto", "sdpa", "fp8", "int8", "int8_fp8pv")
 LAT, STEPS = (5, 8, 8), 20  # 64x64, 17 frames
 
 
@@ -68,32 +70,32 @@ def forced_streaming(plan: Plan, paths: tuple[str, ...] = PATHS) -> Plan:
 
 
 def run(model: Path, out: Path, schemes: tuple[str, ...] = SCHEMES, settings: tuple[str, ...] = ("default", "smallest"),
-        attention_modes: tuple[str, ...] = ATTENTION) -> dict:
+        attention_modes: tuple[str, ...] = ATTENTION, text_schemes: tuple[str, ...] = ("bf16",)) -> dict:
     cap = torch.cuda.get_device_capability()
     attention = [a for a in attention_modes if cap >= MIN_CAPABILITY.get(a, (0, 0))]
     report = {"machine": gpu_info(), "model": str(model.name), "pass_rate_needed": PASS_RATE, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in schemes:
-            engine = open_engine(export_engine(model, Path(tmp) / scheme, scheme, progress=False))
-            for mode in attention if scheme == "bf16" else ("sdpa",):  # the kernels with bf16 weights, then SDPA
-                v = engine.variant
-                source = dataclasses.replace(engine, variant=dataclasses.replace(
-                    v, dit=dataclasses.replace(v.dit, attention=mode)))
+        for scheme, text_scheme in itertools.product(schemes, text_schemes):
+            engine = open_engine(export_engine(model, Path(tmp) / f"{scheme}-{text_scheme}", scheme, progress=False,
+                                               text_scheme=text_scheme))
+            for mode in attention if scheme == "bf16" else ("auto",):  # every kernel with bf16 weights
                 for setting in settings:
-                    pipe = WanPipeline(source, device="cuda")
+                    pipe = WanPipeline(engine, device="cuda", options=RunOptions(attention=mode))
                     if setting == "smallest":
                         pipe.vram_budget = smallest_budget(pipe)
                     if SETTINGS[setting]:
                         plan = pipe.plan
-                        pipe.plan = lambda *a, plan=plan, paths=SETTINGS[setting]: forced_streaming(plan(*a), paths)
+                        pipe.plan = lambda *a, plan=plan, paths=SETTINGS[setting], **k: forced_streaming(
+                            plan(*a, **k), paths)
                     start = time.perf_counter()
                     result = evaluate(pipe)
                     report["rows"].append({
-                        "scheme": scheme, "attention": mode, "setting": setting, "vram_budget": pipe.vram_budget,
+                        "scheme": scheme, "text_scheme": text_scheme, "attention": pipe.variant.dit.attention,
+                        "asked": mode, "setting": setting, "vram_budget": pipe.vram_budget,
                         "plan": pipe.plan(LAT, STEPS).phase("denoise").describe(),
                         "pass_rate": result["pass_rate"], "seconds": round(time.perf_counter() - start, 1),
                         "failures": [r for r in result["results"] if not r["ok"]]})
-                    print(scheme, mode, setting, result["pass_rate"], flush=True)
+                    print(scheme, text_scheme, mode, setting, result["pass_rate"], flush=True)
                     write_report(report, out, markdown(report))
     return report
 
@@ -103,12 +105,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Demo model semantic check: {g['gpu']} (torch {g['torch']})", "",
              "20 fixed prompts and seeds per row (64x64, 17 frames, 20 steps); a row passes at >= 90%. "
              "Reproduce: `python -m experiments.demo_check`.", "",
-             "| scheme | attention | plan | pass rate | s | denoise phase |", "|---|---|---|---|---|---|"]
+             "| DiT scheme | text scheme | attention (asked) | plan | pass rate | s | denoise phase |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         mark = "" if r["pass_rate"] >= PASS_RATE else " (below 90%)"
         budget = f" ({r['vram_budget'] / 2**20:,.0f} MiB)" if "vram_budget" in r else ""
-        lines.append(f"| {r['scheme']} | {r['attention']} | {r['setting']}{budget} | {r['pass_rate']:.0%}{mark} | "
-                     f"{r['seconds']} | {r['plan']} |")
+        lines.append(f"| {r['scheme']} | {r.get('text_scheme', 'bf16')} | {r['attention']} ({r.get('asked', '')}) | "
+                     f"{r['setting']}{budget} | {r['pass_rate']:.0%}{mark} | {r['seconds']} | {r['plan']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,12 +121,13 @@ def main() -> None:
     p.add_argument("--schemes", default=",".join(SCHEMES), help="engine schemes to check (split a run over calls)")
     p.add_argument("--settings", default="default,smallest", help=f"plans to check, of {', '.join(SETTINGS)}")
     p.add_argument("--attention", default=",".join(ATTENTION), help="attention kernels of the bf16 engine")
+    p.add_argument("--text-schemes", default="bf16", help=f"umT5 schemes to check, of {', '.join(TEXT_SCHEMES)}")
     p.add_argument("--out", type=Path, default=Path("bench/results/demo_check"))
     a = p.parse_args()
     if unknown := set(a.settings.split(",")) - set(SETTINGS):
         p.error(f"unknown settings {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
     report = run(a.model, a.out, tuple(a.schemes.split(",")), tuple(a.settings.split(",")),
-                 tuple(a.attention.split(",")))
+                 tuple(a.attention.split(",")), tuple(a.text_schemes.split(",")))
     print(markdown(report))
     failed = [r for r in report["rows"] if r["pass_rate"] < PASS_RATE]
     raise SystemExit(f"{len(failed)} rows below {PASS_RATE:.0%}" if failed else 0)
