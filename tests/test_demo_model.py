@@ -1,5 +1,7 @@
 """The embedded demo model (runtime/demo_model): shipped whole and small, the default of `wanrt generate`, and its
 generations pass the semantic check on the CPU for the 20 fixed seeds (issue 8: at least 90%)."""
+import pytest
+
 import wanrt
 from training.synthetic import evaluate
 from wanrt.runtime.pipeline import DEMO_MODEL
@@ -25,7 +27,9 @@ def test_generate_without_a_model_uses_the_demo_model(tmp_path, capsys):
     assert (tmp_path / "v.mp4").stat().st_size > 0
 
 
-def test_the_demo_model_draws_what_the_prompt_asks():
-    result = evaluate(wanrt.load(device="cpu"))
+@pytest.mark.parametrize("options", [{}, {"text_scheme": "int8"}, {"text_scheme": "fp8", "scheme": "int8"}],
+                         ids=["defaults", "text int8", "text fp8 + DiT int8"])
+def test_the_demo_model_draws_what_the_prompt_asks(options):
+    result = evaluate(wanrt.load(device="cpu", **options))
     failures = [(r["seed"], r["prompt"], r["why"]) for r in result["results"] if not r["ok"]]
     assert result["pass_rate"] >= PASS_RATE, failures
