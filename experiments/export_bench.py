@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from wanrt.bench.common import GiB, gpu_info, rel_err, time_it, write_report
+from wanrt.quant.formats import SCHEMES  # nf4 needs bitsandbytes where it runs
 
-SCHEMES = ("bf16", "fp8", "int8", "w8a16")
 PROMPT = "a red circle moves right on a blue background"
 
 

@@ -85,9 +85,9 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
         require()  # before any work
         if "onnx" not in backends:
             backends = ("onnx", *backends)  # TensorRT builds from the ONNX graph
-    if scheme != "bf16" and (bf16_only := [b for b in backends if b != "onnx"]):
-        raise ValueError(f"the {', '.join(bf16_only)} backend(s) export bf16 engines for now (a quantized scheme "
-                         "has a Q/DQ graph through --backends onnx): use --scheme bf16 with them")
+    if scheme != "bf16" and (bf16_only := [b for b in backends if b != "onnx" or scheme == "nf4"]):
+        raise ValueError(f"the {', '.join(bf16_only)} backend(s) export bf16 engines for now (fp8, int8 and w8a16 "
+                         "have a Q/DQ graph through --backends onnx; nf4 none): use --scheme bf16 with them")
     out = check_output_dir(out, overwrite, is_own_engine)  # before reading the checkpoint
     ckpt = open_checkpoint(model)
     v = ckpt.variant

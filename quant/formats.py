@@ -5,9 +5,10 @@
   fp8     float8_e4m3fn [N, K] + fp32 scale [N]   dynamic per-token fp8 e4m3 (fp32 scale)   fp8 MMA     sm_89
   int8    int8 [N, K] + fp32 scale [N]            dynamic per-token int8 (fp32 scale)       int8 MMA    sm_80
   w8a16   int8 [N, K] + fp32 scale [N]            none: bf16 in, B upcast in the kernel     bf16 MMA    sm_80
+  nf4     uint8 [N, K/2] + fp32 absmax [N, K/64]  none: bf16 in, weight dequantized first   cuBLAS      any (bitsandbytes)
 
 Weight scales are per output channel (symmetric, absmax / qmax), so they factor out of the K sum and are applied in
-the GEMM epilogue. int8 and w8a16 store identical weights: only the activation handling differs. A quantized block
+the GEMM epilogue (nf4: quant/nf4.py). int8 and w8a16 store identical weights: only the activation handling differs. A quantized block
 weight dict carries f"{name}.weight" (the 8-bit tensor) and f"{name}.weight_scale" for each name in
 QUANTIZED_LINEARS; modulation, norms and biases stay as they are.
 
@@ -24,6 +25,8 @@ import torch
 from wanrt.kernels.dispatch import ADA, AMPERE, has_triton
 from wanrt.kernels.quantize import quantize_weight
 
+from . import nf4
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -34,7 +37,7 @@ class Scheme:
     summary: str
 
 
-SCHEMES = ("bf16", "fp8", "int8", "w8a16")
+SCHEMES = ("bf16", "fp8", "int8", "w8a16", "nf4")
 SCHEME_INFO = {
     "bf16": Scheme("bf16", torch.bfloat16, None, None, "unquantized bf16 weights and cuBLAS GEMMs"),
     "fp8": Scheme("fp8", torch.float8_e4m3fn, torch.float8_e4m3fn, ADA,
@@ -43,11 +46,13 @@ SCHEME_INFO = {
                    "int8 weights (per-channel scales) and per-token int8 activations on int8 tensor cores"),
     "w8a16": Scheme("w8a16", torch.int8, None, AMPERE,
                     "int8 weights (per-channel scales) upcast to bf16 in the GEMM; bf16 activations"),
+    "nf4": Scheme("nf4", torch.uint8, None, None,
+                  "4-bit NormalFloat weights in blocks of 64 (bitsandbytes), dequantized for a bf16 GEMM"),
 }
 # Where a scheme goes when the GPU cannot run it: w8a16 first, because it never loses accuracy against the scheme
 # asked for (weight-only, int8 per channel); int8 w8a8 is faster on sm_80 but quantizes activations, so it is only
 # used when asked for by name.
-FALLBACKS = {"fp8": ("w8a16", "bf16"), "int8": ("w8a16", "bf16"), "w8a16": ("bf16",), "bf16": ()}
+FALLBACKS = {"fp8": ("w8a16", "bf16"), "int8": ("w8a16", "bf16"), "w8a16": ("bf16",), "nf4": (), "bf16": ()}
 
 # The block linears that get quantized (official WanModel names); the I2V-only k_img/v_img are skipped when absent.
 QUANTIZED_LINEARS = (
@@ -72,7 +77,12 @@ def quantize_text_block(w: dict[str, torch.Tensor], text_scheme: str) -> dict[st
 
 def is_quantized(name: str, t: torch.Tensor) -> bool:
     """A quantized weight or its scale: kept in its stored dtype wherever blocks are held."""
-    return t.dtype in (torch.int8, torch.float8_e4m3fn) or name.endswith("weight_scale")
+    return t.dtype in (torch.int8, torch.float8_e4m3fn, torch.uint8) or name.endswith("weight_scale")
+
+
+def same_storage(a: str, b: str) -> bool:
+    """Whether two schemes store the same quantized weights (int8 and w8a16), so blocks need no conversion."""
+    return a == b or (a != "bf16" and b != "bf16" and SCHEME_INFO[a].weight_dtype == SCHEME_INFO[b].weight_dtype)
 
 
 def _info(scheme: str) -> Scheme:
@@ -82,10 +92,13 @@ def _info(scheme: str) -> Scheme:
 
 
 def quantize_linear_weight(weight: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
-    """An nn.Linear weight [N, K] -> {"weight": q, "weight_scale": fp32 [N]} (bf16: {"weight": weight} as is)."""
+    """An nn.Linear weight [N, K] -> {"weight": q, "weight_scale": fp32 [N]} (bf16: {"weight": weight} as is; nf4:
+    quant/nf4.py's packing and block scales)."""
     info = _info(scheme)
     if scheme == "bf16":
         return {"weight": weight}
+    if scheme == "nf4":
+        return nf4.quantize(weight)
     q, scale = quantize_weight(weight, info.weight_dtype)
     return {"weight": q, "weight_scale": scale}
 
@@ -118,8 +131,15 @@ def dequantize_block(w: dict[str, torch.Tensor], dtype: torch.dtype = torch.bflo
     for name in names:
         scale = out.pop(f"{name}.weight_scale", None)
         if scale is not None:
-            out[f"{name}.weight"] = (w[f"{name}.weight"].float() * scale.float()[:, None]).to(dtype)
+            out[f"{name}.weight"] = dequantize_linear_weight(w[f"{name}.weight"], scale, dtype)
     return out
+
+
+def dequantize_linear_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored quantized weight back to [N, K] in `dtype` (its storage dtype says which scheme wrote it)."""
+    if q.dtype == torch.uint8:
+        return nf4.dequantize(q, scale, dtype)
+    return (q.float() * scale.float()[:, None]).to(dtype)
 
 
 def scheme_supported(scheme: str, capability: tuple[int, int] | None) -> tuple[bool, str]:

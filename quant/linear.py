@@ -3,6 +3,7 @@
   fp8 / int8   x is quantized per token (kernels.quantize, one fp32 scale per row), then one scaled GEMM:
                y = (q_x @ q_W^T) * s_x[:, None] * s_W[None, :] + b
   w8a16        y = (x @ q_W^T) * s_W[None, :] + b, with q_W upcast to bf16 inside the GEMM
+  nf4          y = x @ dequantize(q_W)^T + b: bitsandbytes' dequantization, then a bf16 GEMM (quant/nf4.py)
   bf16         F.linear
 
 The optional tanh-GELU runs in the GEMM epilogue (the FFN's first linear). Outputs are bf16.
@@ -16,7 +17,7 @@ from wanrt.kernels.quantize import quantize_rows
 from wanrt.kernels.scaled_gemm import scaled_mm
 
 from . import qdq
-from .formats import SCHEME_INFO, quantize_linear_weight
+from .formats import SCHEME_INFO, dequantize_linear_weight, quantize_linear_weight
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
@@ -31,6 +32,13 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         return F.gelu(y, approximate="tanh") if gelu else y
     if weight_scale is None:
         raise ValueError(f"scheme {scheme!r} needs the weight's per-channel weight_scale")
+    if scheme == "nf4":  # bf16 activations; the weight dequantized in bitsandbytes' kernel for one 16-bit GEMM
+        if x_scale is not None:
+            raise ValueError("nf4 takes 16-bit activations, not quantized ones")
+        dtype = torch.bfloat16 if x.is_cuda else x.dtype  # fp32 on the CPU, as every reference runs there
+        y = F.linear(x.to(dtype), dequantize_linear_weight(weight, weight_scale, dtype),
+                     bias.to(dtype) if bias is not None else None)
+        return F.gelu(y, approximate="tanh") if gelu else y
     if qdq.active():  # an ONNX graph in Q/DQ form (quant/qdq.py)
         if x_scale is not None:
             raise ValueError("in a Q/DQ graph each linear quantizes its own activations")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 SOLVERS = ("unipc", "euler")
 ATTENTION_MODES = ("auto", "sdpa", "fp8", "int8", "int8_fp8pv")  # kernels/attention.py has the kernels
-SCHEMES = ("bf16", "fp8", "int8", "w8a16")  # DiT block linears: quant/formats.py
+SCHEMES = ("bf16", "fp8", "int8", "w8a16", "nf4")  # DiT block linears: quant/formats.py
 TEXT_SCHEMES = ("bf16", "int8", "fp8")  # umT5 block linears, weight-only
 # What `attention="auto"` runs per GPU compute capability: the fastest mode whose accuracy was measured acceptable on
 # it. On the H100 (sm_90) int8 Q·K with fp8 P·V ran 1.59x cuDNN SDPA at cosine 0.99924 on random inputs, moved the
@@ -61,7 +61,7 @@ class RunOptions:
 
     attention    auto | sdpa | fp8 | int8 | int8_fp8pv; default auto (AUTO_ATTENTION: the fastest mode measured to
                  keep quality on this GPU, SDPA elsewhere). A quantized mode this GPU cannot run is refused.
-    scheme       DiT block weights: bf16 | fp8 | int8 | w8a16; default: as stored (bf16 for a checkpoint, whose blocks
+    scheme       DiT block weights: bf16 | fp8 | int8 | w8a16 | nf4; default: as stored (bf16 for a checkpoint, whose blocks
                  are then quantized as they are loaded into host memory; an engine's own scheme).
     text_scheme  umT5 block weights, weight-only: bf16 | int8 | fp8; default: as stored.
     vram_budget, ram_budget   bytes or a size such as "4GiB"; default: free GPU memory minus 512 MiB, available

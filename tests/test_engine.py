@@ -46,7 +46,8 @@ def test_bf16_engine_generates_what_its_checkpoint_does(engines, checkpoints, la
 def test_quantized_engines_record_their_error_and_generate_close_to_bf16(engines, reference, scheme, layout):
     engine = open_engine(engines[layout, scheme])
     report = engine.manifest["fidelity"]
-    assert report["scheme"] == scheme and 0 < report["max"] < (4e-2 if scheme == "fp8" else 1e-2)
+    bound = {"fp8": 4e-2, "nf4": 0.15}.get(scheme, 1e-2)  # nf4: 4-bit codes, ~9% of a Gaussian weight
+    assert report["scheme"] == scheme and 0 < report["max"] < bound
     assert engine.variant.dit.quant == scheme and engine.variant.name == "tiny-t2v"
     video = wanrt.load(engines[layout, scheme], device="cpu").generate(PROMPT, **REQUEST).frames
     err = np.abs(video.astype(float) - reference).mean() / 255

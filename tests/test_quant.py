@@ -191,3 +191,26 @@ def test_prequantized_activations(scheme):
     assert torch.equal(y, quantized_linear(xq, w["weight"], w["weight_scale"], None, scheme, True, x_scale=xs))
     with pytest.raises(TypeError):
         quantized_linear(x, w["weight"], w["weight_scale"], None, scheme, x_scale=xs)
+
+
+def test_nf4_is_bitsandbytes_packing_and_its_linear_its_dequantized_gemm():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb
+
+    from wanrt.quant import nf4
+    from wanrt.quant.linear import quantized_linear
+
+    torch.manual_seed(0)
+    w, x, b = torch.randn(96, 192), torch.randn(5, 192), torch.randn(96)
+    q = quantize_linear_weight(w, "nf4")
+    assert q["weight"].shape == (96, 96) and q["weight"].dtype == torch.uint8 and q["weight_scale"].shape == (96, 3)
+    packed, state = bnb.quantize_4bit(w, blocksize=nf4.BLOCK, quant_type="nf4")
+    assert torch.equal(q["weight"].reshape(-1, 1), packed)  # rows whole: the [N, K/2] view is bitsandbytes' layout
+    dense = bnb.dequantize_4bit(packed, state)
+    assert torch.equal(nf4.dequantize(q["weight"], q["weight_scale"], torch.float32), dense)
+    y = quantized_linear(x, q["weight"], q["weight_scale"], b, "nf4", gelu=True)
+    assert torch.allclose(y, torch.nn.functional.gelu(x @ dense.T + b, approximate="tanh"), atol=1e-5)
+    err = float((dense - w).norm() / w.norm())
+    assert 0.05 < err < 0.12  # 4-bit codes: about 9% of a Gaussian weight, far from int8's ~1%
+    with pytest.raises(ValueError, match="multiples of 64"):
+        quantize_linear_weight(torch.randn(8, 96), "nf4")
