@@ -3,7 +3,9 @@ official state-dict keys). Nothing is ever unpickled: `.pth` files go through `t
 
 Official layout (Wan-AI/Wan2.1-T2V-1.3B):
     config.json                                   DiT config (`_class_name: WanModel`)
-    diffusion_pytorch_model.safetensors           or `...safetensors.index.json` + shards
+    diffusion_pytorch_model.safetensors           or `...safetensors.index.json` + shards; or a DiT quantized by
+                                                  optimum-quanto to qint8 (Wan2GP's `*_quanto_*int8.safetensors`
+                                                  under this name): read as our int8 scheme
     Wan2.1_VAE.pth                                (a `.safetensors` of the same stem is accepted too)
     models_t5_umt5-xxl-enc-bf16.pth
     google/umt5-xxl/                              tokenizer folder
@@ -28,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..quant.formats import QUANTIZED_LINEARS
 from .clip import CLIPVision, clip_from_hf, clip_from_official
 from .config import VARIANTS, CLIPConfig, DiTConfig, TextConfig, Variant, VAEConfig
 from .dit import WanDiT, dit_from_diffusers
@@ -159,7 +162,8 @@ class Checkpoint:
     def dit_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
         if self.layout == "official":
             state = load_sharded(self.root, "diffusion_pytorch_model", mmap)
-            return {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+            state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+            return from_quanto(state) if self.variant.dit.quant != "bf16" else state
         return dit_from_diffusers(load_sharded(self._path("dit"), "diffusion_pytorch_model", mmap))
 
     def vae_state(self) -> dict[str, torch.Tensor]:
@@ -202,10 +206,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
+def stored_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the weight a stored tensor holds: nf4 packs two 4-bit codes a byte (quant/nf4.py)."""
+    return (t.shape[0], t.shape[1] * 2) if t.dtype == torch.uint8 and t.ndim == 2 else tuple(t.shape)
+
+
 def check_weights(src) -> None:
     """Every model's weights match its config, tensor for tensor and shape for shape, before anything is built or
     allocated: the tensors come from memory maps, so only file headers are read (the VAE is checked as it loads).
-    Quantized weights keep their shapes and add a `weight_scale` each."""
+    Quantized weights keep their shapes (nf4's packed ones: stored_shape) and add a `weight_scale` each."""
     v = src.variant
     parts = [("DiT", WanDiT, v.dit, src.dit_state(mmap=True)), ("text encoder", UMT5Encoder, v.text,
                                                                  src.text_state(mmap=True))]
@@ -214,7 +223,7 @@ def check_weights(src) -> None:
     for name, module, cfg, state in parts:
         with torch.device("meta"):
             want = {k: tuple(t.shape) for k, t in module(cfg).state_dict().items()}
-        got = {k: tuple(t.shape) for k, t in state.items() if not k.endswith(".weight_scale")}
+        got = {k: stored_shape(t) for k, t in state.items() if not k.endswith(".weight_scale")}
         missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
         wrong = sorted(f"{k} {got[k]} (config: {want[k]})" for k in want.keys() & got.keys() if want[k] != got[k])
         if missing or unexpected or wrong:
@@ -245,6 +254,8 @@ def _official_variant(root: Path) -> Variant:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{root / 'config.json'}: {e}") from None
     v = _named_variant(dit, vae, text, clip)
+    if any(k.endswith(".weight._data") for k in _dit_keys(root)):  # optimum-quanto's qint8, as Wan2GP ships DiTs
+        v = dataclasses.replace(v, dit=dataclasses.replace(v.dit, quant="int8"))
     own = extra.get("variant")  # a small model of our own names itself and its sizes and defaults
     if v.name == "custom" and own:
         v = dataclasses.replace(v, name=own["name"], sizes=tuple(own["sizes"]), sample_steps=own["sample_steps"],
@@ -252,6 +263,48 @@ def _official_variant(root: Path) -> Variant:
                                 sample_guide_scale=own.get("sample_guide_scale", v.sample_guide_scale),
                                 frame_num=own.get("frame_num", v.frame_num))
     return v
+
+
+def _dit_keys(root: Path) -> list[str]:
+    """The official DiT file's tensor names, from its safetensors header or its index (no tensor is read)."""
+    index = root / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return list(read_json(index).get("weight_map", {}))
+    path = root / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        return []  # dit_state names the missing file
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return list(json.loads(f.read(n)))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
+        raise CheckpointError(f"cannot read the header of {path}: {e}") from None
+
+
+def from_quanto(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DiT quantized by optimum-quanto (`X.weight._data` int8 [N, K], `X.weight._scale` [N, 1]: per output channel,
+    symmetric; Wan2GP's `*_quanto_*int8.safetensors`) -> our int8 scheme, which stores the same numbers: the block
+    linears keep their int8 weights with `X.weight_scale` fp32 [N]; the few linears outside the blocks are
+    dequantized. Quanto's activation scales (unused by weight-only files) are dropped; other quanto types refused."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith((".input_scale", ".output_scale", ".weight._scale")):
+            continue
+        if not key.endswith(".weight._data"):
+            out[key] = t
+            continue
+        name = key.removesuffix(".weight._data")
+        scale = state.get(f"{name}.weight._scale")
+        if t.dtype != torch.int8 or t.ndim != 2 or scale is None or tuple(scale.shape) != (t.shape[0], 1):
+            raise CheckpointError(f"{name}: only optimum-quanto qint8 weights with one scale per output channel can "
+                                  f"be read, got {t.dtype} {tuple(t.shape)} with scale "
+                                  f"{None if scale is None else tuple(scale.shape)}")
+        head, _, linear = name.partition(".")
+        if head == "blocks" and linear.partition(".")[2] in QUANTIZED_LINEARS:
+            out[f"{name}.weight"], out[f"{name}.weight_scale"] = t, scale.reshape(-1).float()
+        else:
+            out[f"{name}.weight"] = (t.float() * scale.float()).to(scale.dtype)
+    return out
 
 
 def _tuples(d: dict) -> dict:

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..kernels.attention import check_mode
 from ..kernels.dispatch import has_triton
-from ..quant.formats import dequantize_block, is_quantized, quantize_block, quantize_text_block, resolve_scheme
+from ..quant.formats import (dequantize_block, is_quantized, quantize_block, quantize_text_block, resolve_scheme,
+                             same_storage)
 from .checkpoint import Checkpoint, open_checkpoint
 from .clip import CLIPVision, preprocess
 from .config import VARIANTS
@@ -444,7 +445,7 @@ def resolve_options(src, options: RunOptions, device: torch.device):
     check_mode(attention, cap)  # an explicit mode this GPU cannot run: one clear line
     scheme, text_scheme = options.scheme or v.dit.quant, options.text_scheme or v.text.quant
     for what, stored, want in (("DiT", v.dit.quant, scheme), ("text", v.text.quant, text_scheme)):
-        if stored != "bf16" and want != stored:
+        if stored != "bf16" and not same_storage(stored, want):
             raise ValueError(f"this engine stores {stored} {what} blocks, so it cannot run them as {want}: export "
                              f"the checkpoint again with that scheme, or open the checkpoint itself")
     scheme = resolve_scheme(scheme, device)  # a scheme this GPU cannot run falls back, with a warning saying so
@@ -456,7 +457,7 @@ def requantized(blocks: list[dict], stored: str, scheme: str, quantize, device: 
     """Blocks stored in one scheme, as `scheme` needs them in host memory: quantized from bf16, or (an engine on a GPU
     that cannot run its scheme) dequantized and quantized for the fallback. One block at a time goes through the
     device, whose kernels quantize many times faster than the CPU's reference."""
-    if scheme == stored:
+    if same_storage(stored, scheme):
         return blocks
     out = []
     for block in blocks:

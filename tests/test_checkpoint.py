@@ -165,3 +165,41 @@ def test_a_block_of_the_wrong_shape_is_named(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"DiT weights do not match its config \(2 layers\): missing "
                                          r"\['blocks.0.self_attn.q.bias'\]; wrong shape \['blocks.1.ffn.0.weight"):
         wanrt.load(root, device="cpu")
+
+
+def test_a_dit_quantized_by_optimum_quanto_reads_as_our_int8(checkpoints, tmp_path):
+    """As Wan2GP ships DiTs (`*_quanto_*int8.safetensors`): a tiny WanDiT quantized and frozen by optimum-quanto
+    itself, saved as its state dict. Its block linears become our int8 weights unchanged, and the DiT computes what
+    quanto's own model computes (our w8a16 is weight-only, as the file is, with bf16 activations)."""
+    quanto = pytest.importorskip("optimum.quanto")
+    import wanrt
+
+    root = copy_of(checkpoints, tmp_path)
+    ckpt = open_checkpoint(root)
+    model = WanDiT(ckpt.variant.dit)
+    model.load_state_dict(ckpt.dit_state())
+    quanto.quantize(model, weights=quanto.qint8)
+    quanto.freeze(model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "blocks.0.ffn.0.weight._data" in state
+    save_file(state, root / "diffusion_pytorch_model.safetensors")
+
+    ours = open_checkpoint(root)
+    assert ours.variant.dit.quant == "int8" and ours.variant.name == ckpt.variant.name
+    got = ours.dit_state()
+    assert torch.equal(got["blocks.1.ffn.0.weight"], state["blocks.1.ffn.0.weight._data"])
+    assert torch.equal(got["blocks.1.ffn.0.weight_scale"], state["blocks.1.ffn.0.weight._scale"].reshape(-1))
+    assert "blocks.0.self_attn.q.input_scale" not in got and got["head.head.weight"].dtype == torch.float32
+
+    pipe = wanrt.load(root, device="cpu", scheme="w8a16")
+    assert pipe.variant.dit.quant == "w8a16"
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 16, 2, 4, 4), torch.tensor([700.0])
+    ctx = torch.randn(1, pipe.variant.dit.text_len, pipe.variant.dit.text_dim)
+    plan = pipe.plan((2, 4, 4), 1)
+    with torch.no_grad(), pipe._streamer(pipe.dit_store, plan.phase("denoise")) as weights:
+        mine = pipe.dit.denoise(x, pipe.dit.embed_time(t), pipe.dit.embed_context(ctx), weights)
+        theirs = model(x, t, ctx)  # quanto dequantizes each weight for a float32 GEMM
+    assert float((mine - theirs).norm() / theirs.norm()) < 5e-3  # w8a16 rounds activations to bf16, quanto not
+    with pytest.raises(ValueError, match="stores int8 DiT blocks"):
+        wanrt.load(root, device="cpu", scheme="fp8")
