@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from wanrt.runtime.options import (ATTENTION_MODES, SCHEMES, SOLVERS, TEXT_SCHEMES, RunOptions,
+from wanrt.runtime.options import (ATTENTION_MODES, PRESETS, SCHEMES, SOLVERS, TEXT_SCHEMES, RunOptions,
                                    parse_bytes)
 
 def _size(text: str) -> int:
@@ -55,7 +55,8 @@ def _generate(args: argparse.Namespace) -> None:
         print("no --model: the embedded demo model (coloured shapes moving, 64x64, 17 frames)")
     request = dict(size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
                    sample_shift=args.sample_shift, sample_guide_scale=args.sample_guide_scale,
-                   sample_solver=args.sample_solver, base_seed=args.base_seed)
+                   sample_solver=args.sample_solver, base_seed=args.base_seed,
+                   denoising_step_list=args.denoising_step_list, preset=args.preset)
     start = time.perf_counter()
     print(f"opening {args.model}", flush=True)
     source = open_source(args.model, args.trust_engine)
@@ -65,7 +66,7 @@ def _generate(args: argparse.Namespace) -> None:
     print("loading the weights", flush=True)
     pipe = WanPipeline(source, device, options=options)
     if args.plan:
-        print(pipe.describe_plan(args.size, args.frame_num, args.sample_steps, args.image, args.sample_guide_scale))
+        print(pipe.describe_plan(image=args.image, **request))
         return
     video = pipe.generate(args.prompt, image=args.image, neg_prompt=args.neg_prompt, **request)
     print(f"writing {args.out}", flush=True)
@@ -151,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_steps", type=int, help="default: 50 for t2v, 40 for i2v")
     g.add_argument("--sample_shift", type=float, help="default: 5.0 (3.0 for i2v at 480p)")
     g.add_argument("--sample_guide_scale", type=float, help="default: the model's (5.0 for Wan2.1)")
-    g.add_argument("--sample_solver", choices=SOLVERS, default="unipc")
+    g.add_argument("--sample_solver", choices=SOLVERS, help="default: unipc (euler with a denoising_step_list)")
+    g.add_argument("--denoising_step_list", help="timesteps of a step-distilled model, e.g. 1000,750,500,250 (LightX2V)")
+    g.add_argument("--preset", choices=tuple(PRESETS), help="sampling settings in one flag; distill4: LightX2V's 4-step "
+                   "schedule (steps 1000,750,500,250, shift 5, euler, guidance 1) for step-distilled LoRAs and models")
     g.add_argument("--base_seed", type=int, default=-1, help="-1 picks a random seed")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     add_run_options(g)

@@ -21,6 +21,10 @@ TEXT_SCHEMES = ("bf16", "int8", "fp8")  # umT5 block linears, weight-only
 # dit_h100.md), and kept the demo model's semantic check (bench/results/options_h100.md). Other GPUs were never
 # measured: SDPA there, as on the CPU.
 AUTO_ATTENTION = {(9, 0): "int8_fp8pv"}
+# Sampling presets: what a step-distilled model (LightX2V's 4-step LoRAs and models, configs/distill/wan21/*_4step_cfg
+# .json) runs with. Flags given explicitly win over a preset's.
+PRESETS = {"distill4": dict(sample_steps=4, sample_shift=5.0, sample_solver="euler", sample_guide_scale=1.0,
+                            denoising_step_list=(1000, 750, 500, 250))}
 # Bounds on what is reasonable to ask: past them a request would run for hours or allocate without limit.
 MAX_FRAMES = 1001  # Wan2.1 is trained on 81
 MAX_SIDE = 4096  # pixels, for checkpoints without a list of sizes
@@ -95,6 +99,7 @@ class Request:
     sample_guide_scale: float | None
     sample_solver: str
     base_seed: int
+    denoising_step_list: tuple[int, ...] | None = None
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -122,10 +127,24 @@ def check_float(name: str, value, lo: float, hi: float, lo_open: bool = False) -
 
 def check_request(variant, size: str | None = None, frame_num: int | None = None, sample_steps: int | None = None,
                   sample_shift: float | None = None, sample_guide_scale: float | None = None,
-                  sample_solver: str = "unipc", base_seed: int = -1, image=None, prompt: str = "",
-                  neg_prompt: str = "") -> Request:
+                  sample_solver: str | None = None, base_seed: int = -1, image=None, prompt: str = "",
+                  neg_prompt: str = "", denoising_step_list=None, preset: str | None = None) -> Request:
     """Validate a request against the model's variant (its task, sizes and defaults); returns it with the defaults
-    filled in. `image` (a path) is only checked for presence here; `check_image` reads its header."""
+    filled in: a preset's first, then the variant's. `image` (a path) is only checked for presence here;
+    `check_image` reads its header."""
+    if preset is not None:
+        given = dict(sample_steps=sample_steps, sample_shift=sample_shift, sample_guide_scale=sample_guide_scale,
+                     sample_solver=sample_solver, denoising_step_list=denoising_step_list)
+        chosen = {k: v for k, v in PRESETS[check_choice("preset", preset, tuple(PRESETS))].items() if given[k] is None}
+        sample_steps, sample_shift, sample_guide_scale, sample_solver, denoising_step_list = (
+            chosen.get(k, v) for k, v in given.items())
+    sample_solver = sample_solver or "unipc"
+    if denoising_step_list is not None:
+        denoising_step_list = parse_step_list(denoising_step_list)
+        if sample_steps not in (None, len(denoising_step_list)):
+            raise ValueError(f"sample_steps {sample_steps} disagrees with the {len(denoising_step_list)} timesteps of "
+                             "denoising_step_list")
+        sample_steps = len(denoising_step_list)
     size = size or (variant.sizes[0] if variant.sizes else None)
     if size is None:
         raise ValueError("pass size (width*height): this checkpoint has no named variant with default sizes")
@@ -156,7 +175,21 @@ def check_request(variant, size: str | None = None, frame_num: int | None = None
         raise ValueError("this is an image-to-video model: pass --image")
     if variant.task == "t2v" and image is not None:
         raise ValueError("this is a text-to-video model: --image is only for i2v checkpoints")
-    return Request(size, frame_num, steps, sample_shift, sample_guide_scale, sample_solver, base_seed)
+    if denoising_step_list is not None and sample_solver != "euler":
+        raise ValueError("denoising_step_list runs with sample_solver euler (a step-distilled model's sampler)")
+    return Request(size, frame_num, steps, sample_shift, sample_guide_scale, sample_solver, base_seed,
+                   denoising_step_list)
+
+
+def parse_step_list(steps) -> tuple[int, ...]:
+    """'1000,750,500,250' or a sequence -> decreasing whole timesteps in 1..1000."""
+    try:
+        out = tuple(int(t) for t in (steps.split(",") if isinstance(steps, str) else steps))
+    except (TypeError, ValueError):
+        raise ValueError(f"denoising_step_list must look like 1000,750,500,250, got {steps!r}") from None
+    if not out or any(not 1 <= t <= 1000 for t in out) or list(out) != sorted(set(out), reverse=True):
+        raise ValueError(f"denoising_step_list must be decreasing timesteps in 1..1000, got {list(out)}")
+    return out
 
 
 def check_image(image) -> None:

@@ -212,11 +212,11 @@ class WanPipeline:
         return req, img, self.latent_shape(req.size, req.frame_num, img)
 
     def describe_plan(self, size: str | None = None, frame_num: int | None = None, sample_steps: int | None = None,
-                      image=None, sample_guide_scale: float | None = None) -> str:
-        """The plan `generate` would follow, what runs, and where the blocks live in host memory."""
+                      image=None, **request) -> str:
+        """The plan `generate` would follow for this request (generate's keywords), what runs, and where the blocks
+        live in host memory."""
         v = self.variant
-        req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps,
-                                    sample_guide_scale=sample_guide_scale)
+        req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps, **request)
         size, frame_num, steps = req.size, req.frame_num, req.sample_steps
         branches = self._branches(req)
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
@@ -236,21 +236,23 @@ class WanPipeline:
     def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int | None = None,
                  sample_steps: int | None = None, sample_shift: float | None = None,
                  sample_guide_scale: float | None = None,
-                 sample_solver: str = "unipc", base_seed: int = -1, neg_prompt: str = "",
-                 progress: bool = True, callback: Callable[[int, int], None] | None = None) -> Video:
-        """One video. Arguments as the official generate.py's flags; `callback(step, steps)` is called after each
-        denoising step (e.g. for a progress bar of your own)."""
+                 sample_solver: str | None = None, base_seed: int = -1, neg_prompt: str = "",
+                 progress: bool = True, callback: Callable[[int, int], None] | None = None,
+                 denoising_step_list=None, preset: str | None = None) -> Video:
+        """One video. Arguments as the official generate.py's flags (sample_solver: unipc by default);
+        `denoising_step_list` and `preset` ("distill4") as LightX2V's step-distilled models run; `callback(step,
+        steps)` is called after each denoising step (e.g. for a progress bar of your own)."""
         v = self.variant
         req, img, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps,
                                       sample_shift=sample_shift, sample_guide_scale=sample_guide_scale,
                                       sample_solver=sample_solver, base_seed=base_seed, prompt=prompt,
-                                      neg_prompt=neg_prompt)
+                                      neg_prompt=neg_prompt, denoising_step_list=denoising_step_list, preset=preset)
         size, frame_num, steps = req.size, req.frame_num, req.sample_steps
-        if sample_shift is not None:
-            shift = sample_shift
+        if req.sample_shift is not None:
+            shift = req.sample_shift
         else:  # the official rule for Wan's variants; a model of our own carries its training shift
             shift = default_shift(v.task, size) if v.name in VARIANTS else v.sample_shift
-        guide = v.sample_guide_scale if sample_guide_scale is None else sample_guide_scale
+        guide = v.sample_guide_scale if req.sample_guide_scale is None else req.sample_guide_scale
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
         branches = self._branches(req)
@@ -267,7 +269,7 @@ class WanPipeline:
         # Noise from a CPU generator: the same seed gives the same video on any device.
         g = torch.Generator().manual_seed(seed)
         latents = torch.randn(1, v.vae.z_dim, *lat, generator=g).to(self.device)
-        solver = make_solver(sample_solver, steps, shift)
+        solver = make_solver(req.sample_solver, steps, shift, req.denoising_step_list)
         contexts, temb = run("embed", self._embed, contexts, clip_fea, solver.timesteps)
         del clip_fea
         latents = run("denoise", self._denoise, latents, cond, contexts, temb, solver, guide, progress, callback)

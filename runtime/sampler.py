@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .options import SOLVERS
+from .options import SOLVERS, parse_step_list
 
 NUM_TRAIN_TIMESTEPS = 1000
 # The official scheduler is built with shift 1 on a float32 training grid and takes sigma_max = sigmas[0].item(),
@@ -85,12 +85,26 @@ def flow_sigmas(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.append(sigma, 0.0)), timesteps
 
 
-class FlowEuler:
-    """x_next = x + (sigma_next - sigma) * v. Stateless; computes in x's dtype."""
+def step_list_sigmas(step_list: tuple[float, ...], shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step-distilled model's grid (LightX2V `WanStepDistillScheduler`): sigma = linspace(1, 0, 1001)[:-1] shifted
+    as above and picked at index 1000 - t for each t of `step_list`; the timesteps handed to the DiT are the shifted
+    sigmas * 1000, not truncated (1000, 750, 500, 250 at shift 5 -> 1000, 937.5, 833.3, 625). Returns sigmas
+    [steps + 1] float64 (a final 0 appended) and timesteps [steps] float64."""
+    step_list = parse_step_list(step_list)
+    grid = np.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1]
+    grid = shift * grid / (1 + (shift - 1) * grid)
+    sigma = grid[[NUM_TRAIN_TIMESTEPS - int(t) for t in step_list]]
+    return torch.from_numpy(np.append(sigma, 0.0)), torch.from_numpy(sigma * NUM_TRAIN_TIMESTEPS)
 
-    def __init__(self, steps: int, shift: float):
-        self.sigmas, self.timesteps = flow_sigmas(steps, shift)
-        self.steps = steps
+
+class FlowEuler:
+    """x_next = x + (sigma_next - sigma) * v, i.e. x0 = x - sigma * v, then x0 + sigma_next * v (LightX2V's distilled
+    step). Stateless; computes in x's dtype. On the official grid, or a step-distilled model's `step_list`."""
+
+    def __init__(self, steps: int, shift: float, step_list: tuple[float, ...] | None = None):
+        self.sigmas, self.timesteps = flow_sigmas(steps, shift) if step_list is None else \
+            step_list_sigmas(step_list, shift)
+        self.steps = len(self.timesteps)
         self._dt = (self.sigmas[1:] - self.sigmas[:-1]).tolist()
 
     def reset(self) -> None:
@@ -190,11 +204,14 @@ def _unic(s: list[float], lam: list[float], i: int, order: int) -> tuple[float, 
     return a, c0 - d, c1, d
 
 
-def make_solver(name: str, steps: int, shift: float) -> FlowUniPC | FlowEuler:
-    """"unipc" (the official default) or "euler". The official "dpm++" (FlowDPMSolverMultistepScheduler) is not
-    implemented."""
+def make_solver(name: str, steps: int, shift: float,
+                step_list: tuple[float, ...] | None = None) -> FlowUniPC | FlowEuler:
+    """"unipc" (the official default) or "euler" (the only one that takes a step-distilled `step_list`). The
+    official "dpm++" (FlowDPMSolverMultistepScheduler) is not implemented."""
+    if step_list is not None and name != "euler":
+        raise ValueError("denoising_step_list runs with sample_solver euler (a step-distilled model's sampler)")
     if name == "unipc":
         return FlowUniPC(steps, shift)
     if name == "euler":
-        return FlowEuler(steps, shift)
+        return FlowEuler(steps, shift, step_list)
     raise ValueError(f"sample_solver must be one of {SOLVERS}, got {name!r} (the official 'dpm++' is not implemented)")

@@ -186,3 +186,22 @@ def test_a_quantized_text_encoder_stays_close_to_bf16(checkpoints):
                                                                                                  [PROMPT])
         err = float((got - want).norm() / want.norm())
         assert 0 < err < bound, (text_scheme, err)
+
+
+def test_the_distill4_preset_runs_four_single_passes_and_flags_override_it(monkeypatch, capsys):
+    pipe = wanrt.load(device="cpu")
+    calls, timesteps = [], []
+    denoise, embed = pipe.dit.denoise, pipe._embed
+    monkeypatch.setattr(pipe.dit, "denoise", lambda x, t, c, *a: calls.append(len(c)) or denoise(x, t, c, *a))
+    monkeypatch.setattr(pipe, "_embed", lambda phase, c, clip, t: timesteps.append(t) or embed(phase, c, clip, t))
+    pipe.generate(PROMPT, preset="distill4", progress=False)
+    assert calls == [1] * 4 and timesteps[0].tolist() == pytest.approx([1000, 937.5, 2500 / 3, 625])
+    calls.clear()
+    pipe.generate(PROMPT, preset="distill4", sample_guide_scale=3.0, progress=False)  # an explicit flag wins
+    assert sum(calls) == 2 * 4
+    with pytest.raises(ValueError, match="sample_steps 8 disagrees"):
+        pipe.generate(PROMPT, preset="distill4", sample_steps=8, progress=False)
+    with pytest.raises(ValueError, match="runs with sample_solver euler"):
+        pipe.generate(PROMPT, denoising_step_list="1000,500", sample_solver="unipc", progress=False)
+    assert main(["generate", "--prompt", PROMPT, "--preset", "distill4", "--plan"]) == 0
+    assert "4 steps x 1 DiT pass" in capsys.readouterr().out

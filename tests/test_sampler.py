@@ -203,3 +203,23 @@ def test_neg_prompt():
     assert DEFAULT_NEG_PROMPT.count("，") == 27 and len(DEFAULT_NEG_PROMPT) == 137
     assert default_neg_prompt("t2v") == DEFAULT_NEG_PROMPT
     assert default_neg_prompt("i2v-14B") == I2V_NEG_PREFIX + DEFAULT_NEG_PROMPT == "镜头晃动，" + DEFAULT_NEG_PROMPT
+
+
+def test_the_distill4_schedule_is_lightx2vs():
+    """LightX2V's WanStepDistillScheduler: sigmas linspace(1, 0, 1001)[:-1], shifted by 5, picked at 1000 - t for
+    t in [1000, 750, 500, 250]; the DiT gets sigma * 1000, untruncated; each step x0 + sigma_next * v."""
+    from wanrt.runtime.options import PRESETS
+    from wanrt.runtime.sampler import FlowEuler
+
+    p = PRESETS["distill4"]
+    solver = FlowEuler(p["sample_steps"], p["sample_shift"], p["denoising_step_list"])
+    want = torch.tensor([1000.0, 937.5, 2500 / 3, 625.0], dtype=torch.float64)
+    assert torch.allclose(solver.timesteps, want, rtol=0, atol=1e-6)
+    assert solver.sigmas.tolist()[-1] == 0.0 and solver.steps == 4
+    x, v = torch.randn(2, 3), torch.randn(2, 3)
+    s = solver.sigmas
+    for i in range(4):
+        x0 = x - s[i].item() * v
+        assert torch.allclose(solver.step(v, i, x), x0 + s[i + 1].item() * v, atol=1e-6)
+    with pytest.raises(ValueError, match="decreasing timesteps"):
+        FlowEuler(4, 5.0, (250, 500))
