@@ -20,7 +20,8 @@ def _size(text: str) -> int:
 
 def run_options(args: argparse.Namespace, **override) -> RunOptions:
     names = ("attention", "scheme", "text_scheme", "vram_budget", "ram_budget")
-    return RunOptions(**{n: getattr(args, n, None) for n in names} | override)
+    given = {n: getattr(args, n, None) for n in names} | {"loras": tuple(getattr(args, "lora", None) or ())}
+    return RunOptions(**given | override)
 
 
 def add_run_options(p: argparse.ArgumentParser, engine_default: str = "default: the engine's, else ") -> None:
@@ -31,6 +32,12 @@ def add_run_options(p: argparse.ArgumentParser, engine_default: str = "default: 
                    "blocks are quantized as they load): fp8, int8 (w8a8 GEMMs), w8a16 (int8 weights)")
     p.add_argument("--text-scheme", dest="text_scheme", choices=TEXT_SCHEMES, help="umT5 block weights, "
                    "weight-only (default: as stored): int8 or fp8 halve its memory")
+    add_lora_option(p)
+
+
+def add_lora_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="a LoRA (diffusers/PEFT, musubi/kohya "
+                   "or ComfyUI/official keys) merged into the DiT before quantization; repeat for several")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -102,7 +109,8 @@ def _export(args: argparse.Namespace) -> None:
     backends = tuple(b for b in (args.backends or "").split(",") if b)
     print(f"exporting {args.model} to {args.out} ({args.scheme})", flush=True)
     out = export_engine(args.model, args.out, args.scheme, progress=True, backends=backends, latents=latents,
-                        overwrite=args.overwrite, text_scheme=args.text_scheme, attention=args.attention)
+                        overwrite=args.overwrite, text_scheme=args.text_scheme, attention=args.attention,
+                        loras=tuple(args.lora or ()))
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"wrote engine {out} ({args.scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
 
@@ -208,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights, weight-only: bf16 (default), int8 or fp8 (half its size)")
     e.add_argument("--attention", choices=ATTENTION_MODES, default="auto", help="the attention mode the engine "
                    "runs with unless `generate --attention` says otherwise (default: auto)")
+    add_lora_option(e)
     e.add_argument("--backends", help="compiled block graphs, comma-separated: inductor (AOTInductor package), "
                    "compile (torch.compile's cache, for where AOTInductor's loader fails), onnx (validated with "
                    "onnxruntime), tensorrt (needs NVIDIA's TensorRT and a GPU)")

@@ -25,6 +25,7 @@ from wanrt.quant.linear import linear_error_report
 from wanrt.runtime.atomic import atomic_dir, check_output_dir
 from wanrt.runtime.checkpoint import open_checkpoint
 from wanrt.runtime.engine import FORMAT, FORMAT_VERSION, MANIFEST, is_own_engine, sha256_all, variant_to_json
+from wanrt.runtime.lora import lora_record, merge_loras, read_lora
 from wanrt.runtime.options import RunOptions
 from wanrt.runtime.stream import split_blocks
 from wanrt.runtime.trust import manifest_digest, record_trust
@@ -71,10 +72,12 @@ BACKENDS = ("inductor", "compile", "onnx", "tensorrt")
 
 def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True,
                   backends: tuple[str, ...] = (), latents: tuple[int, int, int] | None = None,
-                  overwrite: bool = False, text_scheme: str = "bf16", attention: str = "auto") -> Path:
+                  overwrite: bool = False, text_scheme: str = "bf16", attention: str = "auto",
+                  loras: tuple[str, ...] = ()) -> Path:
     """Write the engine of checkpoint `model` to `out`: a new or empty folder, or with `overwrite` an engine written
     before (runtime/atomic.py). `scheme` quantizes the DiT's blocks, `text_scheme` umT5's (weight-only); `attention`
-    is recorded as the engine's default (RunOptions). `backends` adds compiled block graphs for latents of (frames,
+    is recorded as the engine's default (RunOptions); `loras` are merged into the DiT before it is quantized and
+    recorded with their sha256. `backends` adds compiled block graphs for latents of (frames,
     height, width) (default: the variant's first size, 81 frames). The engine is recorded as trusted here."""
     RunOptions(attention=attention, scheme=scheme, text_scheme=text_scheme)  # one clear line for a bad value
     if unknown := set(backends) - set(BACKENDS):
@@ -91,11 +94,12 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
     out = check_output_dir(out, overwrite, is_own_engine)  # before reading the checkpoint
     ckpt = open_checkpoint(model)
     v = ckpt.variant
+    merged = [read_lora(spec, v.dit) for spec in loras]
     start = time.perf_counter()
     with atomic_dir(out, overwrite, is_own_engine) as tmp:
         n = v.dit.num_layers + v.text.num_layers + 3
         with tqdm(total=n, desc=f"export {scheme}/{text_scheme}", unit="file", disable=not progress) as bar:
-            dit = ckpt.dit_state()
+            dit = merge_loras(ckpt.dit_state(), merged) if merged else ckpt.dit_state()
             _, dit_blocks = split_blocks(dit, v.dit.num_layers)
             _write_blocks("dit", dit, v.dit.num_layers, tmp, transform=lambda b: quantize_block(b, scheme), bar=bar)
             report = fidelity(dit_blocks, scheme)
@@ -120,6 +124,7 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text_blocks": text_scheme,
                         "text_resident": "as in the checkpoint", "vae": "as in the checkpoint"},
             "options": {"attention": attention, "scheme": scheme, "text_scheme": text_scheme},
+            "loras": lora_record(merged),
             "backends": compiled.pop("backends"), "fidelity": report, **compiled,
             "files": files, "export_seconds": round(time.perf_counter() - start, 2)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

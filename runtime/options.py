@@ -70,14 +70,19 @@ class RunOptions:
     text_scheme  umT5 block weights, weight-only: bf16 | int8 | fp8; default: as stored.
     vram_budget, ram_budget   bytes or a size such as "4GiB"; default: free GPU memory minus 512 MiB, available
                  RAM minus 2 GiB.
+    loras        LoRA files, "file.safetensors[:strength]", merged into the DiT's weights as they load (runtime/lora.py).
     """
     attention: str | None = None
     scheme: str | None = None
     text_scheme: str | None = None
     vram_budget: int | str | None = None
     ram_budget: int | str | None = None
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.loras, str):
+            raise ValueError("loras must be a list of 'file.safetensors[:strength]', not one string")
+        object.__setattr__(self, "loras", tuple(str(spec) for spec in self.loras))
         for name, choices in (("attention", ATTENTION_MODES), ("scheme", SCHEMES), ("text_scheme", TEXT_SCHEMES)):
             if getattr(self, name) is not None:
                 check_choice(name, getattr(self, name), choices)

@@ -26,6 +26,7 @@ from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
+from .lora import merge_loras, read_lora
 from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
@@ -142,12 +143,14 @@ class WanPipeline:
         self.ram_budget = available_ram() - 2 * 2**30 if options.ram_budget is None else options.ram_budget
         self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
         self.block_copy = None  # replaces the streamed blocks' host-to-device copy (benchmarks: a slower link)
+        self.loras = []  # the LoRAs merged at load (runtime/lora.py)
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
         ram = self.ram_budget
         # Blocks stored in another scheme than the one to run are (re)quantized as they come into host memory.
-        dit_rest, dit_blocks = split_blocks(ckpt.dit_state(mmap=True), v.dit.num_layers)
+        dit_rest, dit_blocks = split_blocks(self._with_loras(ckpt.dit_state(mmap=True), options.loras),
+                                            v.dit.num_layers)
         dit_blocks = requantized(dit_blocks, ckpt.variant.dit.quant, v.dit.quant, quantize_block, self.device)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
         self.dit.compiled_block = self._compiled_block()
@@ -163,6 +166,16 @@ class WanPipeline:
             clip_rest, clip_blocks = split_blocks(ckpt.clip_state(), v.clip.use_layers, prefix="transformer")
             self.clip = _shell(CLIPVision, v.clip, clip_rest, self.dtype)
             self.clip_store, ram = _store(clip_blocks, lambda n, t: self.dtype, ram)
+
+    def _with_loras(self, state: dict, specs: tuple[str, ...]) -> dict:
+        """The DiT's weights with the LoRAs merged, before any quantization: a checkpoint's or a bf16 engine's."""
+        if not specs:
+            return state
+        if self.ckpt.variant.dit.quant != "bf16":
+            raise ValueError(f"this engine stores {self.ckpt.variant.dit.quant} DiT blocks: merge LoRAs before "
+                             "quantizing (wanrt export --lora), or load the checkpoint with --lora")
+        self.loras = [read_lora(spec, self.variant.dit) for spec in specs]
+        return merge_loras(state, self.loras)
 
     def _compiled_block(self):
         """An engine's compiled block for this device (none: the eager block runs), unless the DiT was configured
