@@ -17,8 +17,6 @@ and a LoRA costs nothing per step.
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from .checkpoint import CheckpointError
 from .config import DiTConfig
 from .dit import WanDiT, dit_from_diffusers
 from .engine import sha256
+from .options import parse_lora
 
 
 class LoraError(CheckpointError):
@@ -42,22 +41,6 @@ class Lora:
     strength: float
     sha256: str
     deltas: dict[str, list[tuple]]  # official parameter name -> terms: (delta, scale) or (up, down, scale)
-
-
-def parse_lora(spec: str) -> tuple[Path, float]:
-    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength)."""
-    path, _, strength = str(spec).rpartition(":") if re.search(r":-?[\d.]+$", str(spec)) else (str(spec), "", "1")
-    try:
-        value = float(strength)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or abs(value) > 100:
-        raise ValueError(f"a LoRA's strength must be a finite number (file.safetensors:0.8), got {spec!r}")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"LoRA files are read as safetensors only (file.safetensors[:strength]), got {spec!r}")
-    if not Path(path).is_file():
-        raise ValueError(f"LoRA file not found: {path}")
-    return Path(path), value
 
 
 def _linear_names(cfg: DiTConfig) -> dict[str, str]:

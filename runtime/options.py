@@ -8,6 +8,7 @@ torch, so `wanrt --help` and argument errors come back at once.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, strength)."""
+    path, _, strength = str(spec).rpartition(":") if re.search(r":-?[\d.]+$", str(spec)) else (str(spec), "", "1")
+    try:
+        value = float(strength)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or abs(value) > 100:
+        raise ValueError(f"a LoRA's strength must be a finite number (file.safetensors:0.8), got {spec!r}")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"LoRA files are read as safetensors only (file.safetensors[:strength]), got {spec!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"LoRA file not found: {path}")
+    return Path(path), value
+
+
 def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -83,6 +100,8 @@ class RunOptions:
         if isinstance(self.loras, str):
             raise ValueError("loras must be a list of 'file.safetensors[:strength]', not one string")
         object.__setattr__(self, "loras", tuple(str(spec) for spec in self.loras))
+        for spec in self.loras:
+            parse_lora(spec)  # a missing file or a bad strength: one line before any model work
         for name, choices in (("attention", ATTENTION_MODES), ("scheme", SCHEMES), ("text_scheme", TEXT_SCHEMES)):
             if getattr(self, name) is not None:
                 check_choice(name, getattr(self, name), choices)
