@@ -58,14 +58,19 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
 def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file as tensors that are views of a memory map: nothing is read until used, and the OS can drop
     the pages again under memory pressure (for streaming when RAM is short)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header, offset = safetensors_header(path)
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n)  # copy-on-write: writable for torch, never written
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=offset)  # copy-on-write: writable for torch, never written
     out = {}
     for name, t in header.items():
         begin, end = t["data_offsets"]
@@ -176,12 +181,12 @@ class Checkpoint:
             return load_tensors(self._path("text"), mmap)
         return text_from_hf(load_sharded(self._path("text"), "model", mmap))
 
-    def clip_state(self) -> dict[str, torch.Tensor]:
+    def clip_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
         if self.variant.clip is None:
             raise CheckpointError(f"{self.root} is a {self.task} checkpoint and has no CLIP image encoder")
         if self.layout == "official":
-            return clip_from_official(load_tensors(self._path("clip")), self.variant.clip)
-        return clip_from_hf(load_sharded(self._path("clip"), "model"), self.variant.clip)
+            return clip_from_official(load_tensors(self._path("clip"), mmap), self.variant.clip)
+        return clip_from_hf(load_sharded(self._path("clip"), "model", mmap), self.variant.clip)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -219,7 +224,7 @@ def check_weights(src) -> None:
     parts = [("DiT", WanDiT, v.dit, src.dit_state(mmap=True)), ("text encoder", UMT5Encoder, v.text,
                                                                  src.text_state(mmap=True))]
     if v.clip is not None:
-        parts.append(("CLIP image encoder", CLIPVision, v.clip, src.clip_state()))
+        parts.append(("CLIP image encoder", CLIPVision, v.clip, src.clip_state(mmap=True)))
     for name, module, cfg, state in parts:
         with torch.device("meta"):
             want = {k: tuple(t.shape) for k, t in module(cfg).state_dict().items()}
@@ -274,9 +279,7 @@ def _dit_keys(root: Path) -> list[str]:
     if not path.is_file():
         return []  # dit_state names the missing file
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            return list(json.loads(f.read(n)))
+        return list(safetensors_header(path)[0])
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"cannot read the header of {path}: {e}") from None
 

@@ -119,10 +119,10 @@ class Engine:
     def vae_state(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.root / "vae" / "vae.safetensors")
 
-    def clip_state(self) -> dict[str, torch.Tensor]:
+    def clip_state(self, mmap: bool = False) -> dict[str, torch.Tensor]:
         if self.variant.clip is None:
             raise EngineError(f"{self.root} is a {self.task} engine and has no CLIP image encoder")
-        return load_tensors(self.root / "clip" / "clip.safetensors")
+        return load_tensors(self.root / "clip" / "clip.safetensors", mmap)
 
 
 def read_manifest(root: Path) -> dict:

@@ -82,12 +82,13 @@ class RunOptions:
 
     attention    auto | sdpa | fp8 | int8 | int8_fp8pv; default auto (AUTO_ATTENTION: the fastest mode measured to
                  keep quality on this GPU, SDPA elsewhere). A quantized mode this GPU cannot run is refused.
-    scheme       DiT block weights: bf16 | fp8 | int8 | w8a16 | nf4; default: as stored (bf16 for a checkpoint, whose blocks
-                 are then quantized as they are loaded into host memory; an engine's own scheme).
+    scheme       DiT block weights: bf16 | fp8 | int8 | w8a16 | nf4; default: as stored (bf16 for a checkpoint, whose
+                 blocks are then quantized as they are loaded into host memory; an engine's own scheme).
     text_scheme  umT5 block weights, weight-only: bf16 | int8 | fp8; default: as stored.
     vram_budget, ram_budget   bytes or a size such as "4GiB"; default: free GPU memory minus 512 MiB, available
                  RAM minus 2 GiB.
-    loras        LoRA files, "file.safetensors[:strength]", merged into the DiT's weights as they load (runtime/lora.py).
+    loras        LoRA files, "file.safetensors[:strength]", merged into the DiT's weights as they load
+                 (runtime/lora.py).
     """
     attention: str | None = None
     scheme: str | None = None

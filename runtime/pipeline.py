@@ -231,7 +231,7 @@ class WanPipeline:
         v = self.variant
         req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps, **request)
         size, frame_num, steps = req.size, req.frame_num, req.sample_steps
-        branches = self._branches(req)
+        _, branches = self._guidance(req)
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
@@ -239,11 +239,11 @@ class WanPipeline:
                 f"latents {lat}\n  runs: attention {v.dit.attention}, DiT blocks {v.dit.quant}, text blocks "
                 f"{v.text.quant}\n" + self.plan(lat, steps, branches=branches).describe() + f"\n  host: {stores}")
 
-    def _branches(self, req: Request) -> int:
-        """DiT passes per step: 2 with classifier-free guidance, 1 at guidance scale 1 (its result is the
-        conditional prediction alone)."""
+    def _guidance(self, req: Request) -> tuple[float, int]:
+        """The guidance scale (the request's, else the model's) and the DiT passes per step it takes: 2 with
+        classifier-free guidance, 1 at scale 1 (its result is the conditional prediction alone)."""
         guide = self.variant.sample_guide_scale if req.sample_guide_scale is None else req.sample_guide_scale
-        return 1 if guide == 1 else 2
+        return guide, 1 if guide == 1 else 2
 
     @torch.no_grad()
     def generate(self, prompt: str, image=None, size: str | None = None, frame_num: int | None = None,
@@ -265,10 +265,9 @@ class WanPipeline:
             shift = req.sample_shift
         else:  # the official rule for Wan's variants; a model of our own carries its training shift
             shift = default_shift(v.task, size) if v.name in VARIANTS else v.sample_shift
-        guide = v.sample_guide_scale if req.sample_guide_scale is None else req.sample_guide_scale
+        guide, branches = self._guidance(req)
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
-        branches = self._branches(req)
         prompts = [prompt, neg_prompt][:branches]  # guidance 1: no unconditional branch, no negative prompt
         plan = self.plan(lat, steps, branches=branches)  # before any GPU work: refuses here if the budget cannot fit
         self.phase_stats = {}

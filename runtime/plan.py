@@ -267,8 +267,9 @@ def _one_block_model(cls, cfg, dtype: torch.dtype):
     return model.to_inference_dtype(dtype) if hasattr(model, "to_inference_dtype") else model.to(dtype)
 
 
-def _block_bytes(model) -> int:
-    return BlockLayout.of_block(model.block_weights(0), lambda k, v: v.dtype).nbytes
+def _block_bytes(block: dict[str, torch.Tensor]) -> int:
+    """Bytes of one block as a store packs it, in the dtypes it is held in."""
+    return BlockLayout.of_block(block, lambda k, v: v.dtype).nbytes
 
 
 def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype,
@@ -292,8 +293,7 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
     acts = {(c, shared): trace_peak(model.denoise, x, time, [ctx] * (branches if shared else 1), lambda i: block, c)
             for c in CHUNKS if c is None or c < tokens for shared in ((False, True) if branches > 1 else (None,))}
-    block_bytes = BlockLayout.of_block(block, lambda k, v: v.dtype).nbytes
-    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, block_bytes), acts)
+    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(block)), acts)
 
 
 def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype, branches: int = 2) -> PhasePlan:
@@ -323,9 +323,8 @@ def text_phase(v: Variant, budget: int, dtype: torch.dtype, branches: int = 2) -
     for chunk, batch in ((None, branches), (1, 1))[: branches]:
         ids = torch.empty(batch, cfg.text_len, dtype=torch.long, device="meta")
         acts[chunk] = trace_peak(model.forward, ids, torch.empty_like(ids), lambda i: block)
-    block_bytes = BlockLayout.of_block(block, lambda k, t: t.dtype).nbytes
-    return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers, block_bytes),
-                      acts)
+    return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers,
+                      _block_bytes(block)), acts)
 
 
 def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
@@ -334,7 +333,8 @@ def clip_phase(v: Variant, budget: int, dtype: torch.dtype) -> PhasePlan:
         model = CLIPVision(dataclasses.replace(cfg, num_layers=1, use_layers=1)).to(dtype)
     pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta", dtype=dtype)
     shell = [p for n, p in model.named_parameters() if not n.startswith("transformer.")]
-    return best_phase("clip", budget, meta_bytes(shell), stream_options(cfg.use_layers, _block_bytes(model)),
+    return best_phase("clip", budget, meta_bytes(shell), stream_options(cfg.use_layers,
+                      _block_bytes(model.block_weights(0))),
                       {None: trace_peak(model.forward, pixels)})
 
 

@@ -132,7 +132,7 @@ def test_guidance_1_is_one_pass_and_equals_the_conditional_prediction(checkpoint
     one_pass = pipe.generate(PROMPT, sample_guide_scale=1.0, **KW).frames
     assert calls == [1] * 3 and prompts == [[PROMPT]]  # no unconditional branch, no negative prompt
     calls.clear()
-    monkeypatch.setattr(pipe, "_branches", lambda req: 2)  # the same request through both branches
+    monkeypatch.setattr(pipe, "_guidance", lambda req: (1.0, 2))  # the same request through both branches
     two_pass = pipe.generate(PROMPT, sample_guide_scale=1.0, **KW).frames
     assert sum(calls) == 2 * 3  # both branches at every step (one after the other: the blocks are resident)
     assert np.abs(one_pass.astype(int) - two_pass.astype(int)).max() <= 1  # u + (c - u) is c up to rounding
