@@ -40,11 +40,14 @@ class DiTConfig:
     # How the blocks compute; an engine records both. They change speed and rounding, not the model.
     quant: str = "bf16"  # scheme of the block linears: bf16, fp8, int8, w8a16 (quant/formats.py)
     attention: str = "sdpa"  # attention kernel: sdpa or a quantized mode of kernels/attention.py
+    lora_rank: int = 0  # rank of a LoRA run beside quantized linears (runtime/lora.py side_factors); 0: none
 
     def __post_init__(self):
         check_bounds(self, {"in_dim": K, "dim": 64 * K, "ffn_dim": 256 * K, "num_heads": K, "num_layers": 256,
                             "out_dim": K, "freq_dim": 64 * K, "text_dim": 64 * K, "text_len": 64 * K,
                             "image_dim": 64 * K, "image_tokens": 64 * K})
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or not 0 <= self.lora_rank <= 64 * K:
+            raise ValueError(f"DiTConfig.lora_rank must be an integer in 0..{64 * K}, got {self.lora_rank!r}")
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.dim % self.num_heads:

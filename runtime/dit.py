@@ -75,8 +75,17 @@ def linear(x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w: Weights, name
     weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
     weight_scale = w.get(f"{name}.weight_scale")
     if weight_scale is not None:
+        down = w.get(f"{name}.lora_down")
         x, x_scale = x if isinstance(x, tuple) else (x, None)
-        return quantized_linear(x, weight, weight_scale, bias, cfg.quant, gelu, x_scale)
+        y = quantized_linear(x, weight, weight_scale, bias, cfg.quant, gelu and down is None, x_scale)
+        if down is None:
+            return y
+        # A LoRA beside quantized weights (runtime/lora.py side_factors): y += (x @ down^T) @ up^T, from the 16-bit
+        # activations (dequantized if a producer quantized them).
+        x = x.to(y.dtype) if x_scale is None else x.to(y.dtype) * x_scale.unsqueeze(-1).to(y.dtype)
+        low = F.linear(x, down.to(y.dtype)).flatten(0, -2)
+        y = torch.addmm(y.flatten(0, -2), low, w[f"{name}.lora_up"].to(y.dtype).T).unflatten(0, x.shape[:-1])
+        return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y
     y = F.linear(x.to(weight.dtype), weight, bias)
     return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y  # in place: the FFN hidden state once
 

@@ -12,18 +12,23 @@ model are one error naming them, never dropped. Files are read with safetensors 
 
 Merging happens on the checkpoint's bf16 weights before any quantization (merge-then-quantize, as LightX2V), as the
 DiT's weights come into host memory or into an engine, so every kernel and the block streaming see ordinary weights
-and a LoRA costs nothing per step.
+and a LoRA costs nothing per step. An engine whose linears are already quantized cannot take a merge without losing
+the LoRA in the rounding: there the low-rank pairs become a side path (`side_factors`: y += (x @ down^T) @ up^T after
+the quantized GEMM, runtime/dit.py `linear`), and only biases, norms and modulation are merged.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from ..quant.formats import QUANTIZED_LINEARS
 from .checkpoint import CheckpointError
 from .config import DiTConfig
 from .dit import WanDiT, dit_from_diffusers
@@ -140,6 +145,62 @@ def merge_loras(state: dict[str, torch.Tensor], loras: list[Lora]) -> dict[str, 
                 total += lora.strength * delta.reshape(total.shape)
         out[name] = total.to(w.dtype)
     return out
+
+
+def side_factors(loras: list[Lora], cfg: DiTConfig) -> tuple[list[Lora], dict[str, torch.Tensor]]:
+    """Split the low-rank terms on the blocks' quantized linears out of the LoRAs: (the LoRAs with what can still be
+    merged: biases, norms, modulation; the side path's tensors). For each such linear, every LoRA's pair is stacked
+    along the rank into `blocks.N.<linear>.lora_down` [R, K] and `lora_up` [N, R] (strength and alpha / rank folded
+    into up), in fp32. Every block gets the same linears at the same ranks, zero-padded (zero rows add nothing),
+    because all blocks share one layout where they stream."""
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    shapes = {f"blocks.{i}.{name}.weight": tuple(model.blocks[i].get_submodule(name).weight.shape)
+              for i in range(cfg.num_layers) for name in QUANTIZED_LINEARS if _has(model.blocks[i], name)}
+    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    rest = []
+    for lora in loras:
+        kept = {}
+        for name, terms in lora.deltas.items():
+            if name not in shapes:
+                kept[name] = terms
+                continue
+            for term in terms:
+                if len(term) == 2:
+                    raise LoraError(f"{lora.path.name}: a full weight delta for {name} cannot be added to quantized "
+                                    "weights: merge it before quantizing (wanrt export --lora, or load the checkpoint)")
+                up, down, scale = term
+                if (up.shape[0], down.shape[1]) != shapes[name] or up.shape[1] != down.shape[0]:
+                    raise LoraError(f"{lora.path.name}: its pair for {name} makes a {up.shape[0]}x{down.shape[1]} "
+                                    f"delta, the model's is {shapes[name][0]}x{shapes[name][1]}: a LoRA for another "
+                                    "model size")
+                pairs.setdefault(name.split(".", 2)[2].removesuffix(".weight"), []).append(
+                    (int(name.split(".")[1]), down.float(), lora.strength * scale * up.float()))
+        rest.append(dataclasses.replace(lora, deltas=kept))
+    tensors = {}
+    for linear, terms in pairs.items():
+        n, k = shapes[f"blocks.{terms[0][0]}.{linear}.weight"]
+        per_block = [[t for t in terms if t[0] == i] for i in range(cfg.num_layers)]
+        rank = max(sum(d.shape[0] for _, d, _ in block) for block in per_block)
+        for i, block in enumerate(per_block):
+            down = torch.cat([d for _, d, _ in block] or [torch.zeros(0, k)])
+            up = torch.cat([u for _, _, u in block] or [torch.zeros(n, 0)], dim=1)
+            tensors[f"blocks.{i}.{linear}.lora_down"] = F.pad(down, (0, 0, 0, rank - down.shape[0]))
+            tensors[f"blocks.{i}.{linear}.lora_up"] = F.pad(up, (0, rank - up.shape[1]))
+    return rest, tensors
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def side_rank(tensors: dict[str, torch.Tensor]) -> int:
+    """The largest rank of a side path (0: none): what the planner prices for every linear of a block."""
+    return max((t.shape[0] for k, t in tensors.items() if k.endswith("lora_down")), default=0)
 
 
 def lora_record(loras: list[Lora]) -> list[dict]:

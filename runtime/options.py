@@ -87,8 +87,8 @@ class RunOptions:
     text_scheme  umT5 block weights, weight-only: bf16 | int8 | fp8; default: as stored.
     vram_budget, ram_budget   bytes or a size such as "4GiB"; default: free GPU memory minus 512 MiB, available
                  RAM minus 2 GiB.
-    loras        LoRA files, "file.safetensors[:strength]", merged into the DiT's weights as they load
-                 (runtime/lora.py).
+    loras        LoRA files, "file.safetensors[:strength]", merged into the DiT's weights as they load, or run
+                 beside an engine's quantized linears as a low-rank side path (runtime/lora.py).
     """
     attention: str | None = None
     scheme: str | None = None

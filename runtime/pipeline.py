@@ -26,7 +26,7 @@ from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
-from .lora import merge_loras, read_lora
+from .lora import merge_loras, read_lora, side_factors, side_rank
 from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
@@ -143,7 +143,7 @@ class WanPipeline:
         self.ram_budget = available_ram() - 2 * 2**30 if options.ram_budget is None else options.ram_budget
         self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
         self.block_copy = None  # replaces the streamed blocks' host-to-device copy (benchmarks: a slower link)
-        self.loras = []  # the LoRAs merged at load (runtime/lora.py)
+        self.loras = []  # the LoRAs applied at load (runtime/lora.py)
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
@@ -151,6 +151,7 @@ class WanPipeline:
         # Blocks stored in another scheme than the one to run are (re)quantized as they come into host memory.
         dit_rest, dit_blocks = split_blocks(self._with_loras(ckpt.dit_state(mmap=True), options.loras),
                                             v.dit.num_layers)
+        v = self.variant  # with a LoRA side path's rank, if one runs
         dit_blocks = requantized(dit_blocks, ckpt.variant.dit.quant, v.dit.quant, quantize_block, self.device)
         self.dit = _shell(WanDiT, v.dit, dit_rest, self.dtype)
         self.dit.compiled_block = self._compiled_block()
@@ -168,14 +169,18 @@ class WanPipeline:
             self.clip_store, ram = _store(clip_blocks, lambda n, t: self.dtype, ram)
 
     def _with_loras(self, state: dict, specs: tuple[str, ...]) -> dict:
-        """The DiT's weights with the LoRAs merged, before any quantization: a checkpoint's or a bf16 engine's."""
+        """The DiT's weights with the LoRAs: merged before any quantization (a checkpoint's or a bf16 engine's
+        weights), or, for an engine that stores quantized blocks, merged where they are 16-bit and run as a low-rank
+        side path beside the quantized linears (the variant then records its rank for the planner)."""
         if not specs:
             return state
-        if self.ckpt.variant.dit.quant != "bf16":
-            raise ValueError(f"this engine stores {self.ckpt.variant.dit.quant} DiT blocks: merge LoRAs before "
-                             "quantizing (wanrt export --lora), or load the checkpoint with --lora")
         self.loras = [read_lora(spec, self.variant.dit) for spec in specs]
-        return merge_loras(state, self.loras)
+        if self.ckpt.variant.dit.quant == "bf16":
+            return merge_loras(state, self.loras)
+        rest, side = side_factors(self.loras, self.variant.dit)
+        v = self.variant
+        self.variant = dataclasses.replace(v, dit=dataclasses.replace(v.dit, lora_rank=side_rank(side)))
+        return merge_loras(state, rest) | side
 
     def _compiled_block(self):
         """An engine's compiled block for this device (none: the eager block runs), unless the DiT was configured
@@ -236,7 +241,8 @@ class WanPipeline:
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
         return (f"{v.name} {size} x {frame_num} frames, {steps} steps x {branches} DiT pass{'es' * (branches > 1)}, "
-                f"latents {lat}\n  runs: attention {v.dit.attention}, DiT blocks {v.dit.quant}, text blocks "
+                f"latents {lat}\n  runs: attention {v.dit.attention}, DiT blocks {v.dit.quant}"
+                f"{f' with a LoRA side path of rank {v.dit.lora_rank}' if v.dit.lora_rank else ''}, text blocks "
                 f"{v.text.quant}\n" + self.plan(lat, steps, branches=branches).describe() + f"\n  host: {stores}")
 
     def _guidance(self, req: Request) -> tuple[float, int]:

@@ -291,6 +291,12 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     fixed = shell + branches * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
     rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
     block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
+    if cfg.lora_rank:  # a LoRA side path: a pair of factors of that rank beside every linear (the most it can be)
+        linears = {k.removesuffix(".weight_scale"): t.shape[0] for k, t in block.items() if k.endswith("weight_scale")}
+        for name, n in linears.items():
+            k = model.blocks[0].get_submodule(name).in_features
+            block[f"{name}.lora_down"] = torch.empty(cfg.lora_rank, k, device="meta", dtype=dtype)
+            block[f"{name}.lora_up"] = torch.empty(n, cfg.lora_rank, device="meta", dtype=dtype)
     acts = {(c, shared): trace_peak(model.denoise, x, time, [ctx] * (branches if shared else 1), lambda i: block, c)
             for c in CHUNKS if c is None or c < tokens for shared in ((False, True) if branches > 1 else (None,))}
     return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(block)), acts)

@@ -1,14 +1,16 @@
 """LoRAs in each dialect, merged by us and by diffusers (load_lora_weights + fuse_lora) on identical base weights."""
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import wanrt
 from wanrt.cli import main
 from wanrt.export.engine import export_engine
-from wanrt.quant.formats import QUANTIZED_LINEARS, dequantize_block
+from wanrt.kernels.quantize import quantize_rows_reference
+from wanrt.quant.formats import QUANTIZED_LINEARS, SCHEME_INFO, dequantize_block
 from wanrt.runtime.checkpoint import open_checkpoint
-from wanrt.runtime.dit import WanDiT, dit_from_diffusers
+from wanrt.runtime.dit import WanDiT, dit_from_diffusers, linear
 from wanrt.runtime.engine import open_engine
 from wanrt.runtime.lora import merge_loras, read_lora
 
@@ -149,6 +151,37 @@ def test_merge_then_quantize(checkpoints, tmp_path, scheme, bound):
             if f"{name}.weight" in got:
                 w = want[f"blocks.{i}.{name}.weight"].float()
                 assert float((got[f"{name}.weight"] - w).norm() / w.norm()) < bound
+
+
+@pytest.mark.parametrize("scheme,bound", [("fp8", 4e-2), ("int8", 1e-2), ("nf4", 1.5e-1)])
+def test_side_path_on_a_quantized_engine_matches_merging(checkpoints, tmp_path, scheme, bound):
+    """A LoRA given to an engine that stores quantized blocks runs beside its linears (x @ down^T @ up^T after the
+    quantized GEMM): each linear's output stays as close to the bf16 merged linear's as merge-then-quantize does, also
+    when the activations come quantized; biases and modulation are merged."""
+    ckpt = checkpoints["t2v", "official"]
+    cfg = open_checkpoint(ckpt).variant.dit
+    file = hand_written_lora(cfg, tmp_path, "comfy")
+    want = merge_loras(open_checkpoint(ckpt).dit_state(), [read_lora(str(file), cfg)])
+    pipe = wanrt.load(export_engine(ckpt, tmp_path / scheme, scheme, progress=False), device="cpu",
+                      loras=[f"{file}:1.0"])
+    assert pipe.variant.dit.lora_rank == RANK and "LoRA side path of rank 4" in pipe.describe_plan(size="32*32")
+    act = SCHEME_INFO[scheme].activation_dtype
+    g = torch.Generator().manual_seed(5)
+    for i in range(cfg.num_layers):
+        w = pipe.dit_store.layout.views(pipe.dit_store.host_bytes(i))
+        assert torch.equal(w["modulation"], want[f"blocks.{i}.modulation"])
+        for name in ("self_attn.q", "cross_attn.v", "ffn.0", "ffn.2"):
+            weight, bias = want[f"blocks.{i}.{name}.weight"], want[f"blocks.{i}.{name}.bias"]
+            x = torch.randn(3, weight.shape[1], generator=g)
+            ref = F.linear(x, weight, bias)
+            for given in [x] + ([quantize_rows_reference(x, act)] if act else []):
+                got = linear(given, w, name, pipe.variant.dit).float()
+                assert float((got - ref).norm() / ref.norm()) < bound, (name, scheme)
+    kw = dict(size="32*32", frame_num=5, sample_steps=2, base_seed=1, progress=False)
+    plain = wanrt.load(tmp_path / scheme, device="cpu")
+    assert not (pipe.generate(PROMPT, **kw).frames == plain.generate(PROMPT, **kw).frames).all()
+    block_bytes = [p.plan((2, 4, 4), 2).phase("denoise").blocks.block_bytes for p in (plain, pipe)]
+    assert block_bytes[1] >= block_bytes[0] + RANK * (cfg.dim + cfg.ffn_dim) * 2 * 4  # the factors are priced
 
 
 @pytest.mark.parametrize("make,message", [
