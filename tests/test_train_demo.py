@@ -89,3 +89,21 @@ def test_latent_shape_weights_mark_the_latent_positions_of_the_shape():
         assert torch.equal(weights[0, 0, lf] > 1, want)
     centre = [(weights[0, 0, f] > 1).nonzero().float()[:, 1].mean() for f in range(5)]
     assert centre[0] < centre[-1]  # it moves right
+
+
+def test_the_demo_lora_trains_and_loads_in_the_musubi_dialect(tmp_path):
+    """training/train_lora.py, two steps: a file our reader maps onto every linear of the demo DiT (alpha = rank),
+    whose pairs moved away from the base model (up starts at zero)."""
+    from safetensors.torch import load_file
+
+    from training.train_lora import LINEARS, train_lora
+    from wanrt.runtime.lora import read_lora
+    from wanrt.runtime.pipeline import DEMO_MODEL
+
+    record = train_lora(tmp_path / "r.safetensors", steps=2, rank=4, batch=2)
+    assert len(record["losses"]) == 2 and all(np.isfinite(record["losses"]))
+    state = load_file(tmp_path / "r.safetensors")
+    assert all(k.startswith("lora_unet_blocks_") for k in state)
+    lora = read_lora(str(tmp_path / "r.safetensors"), wanrt.load(DEMO_MODEL, device="cpu").variant.dit)
+    assert len(lora.deltas) == 6 * len(LINEARS)
+    assert all(up.abs().max() > 0 and scale == 1.0 for terms in lora.deltas.values() for up, _, scale in terms)

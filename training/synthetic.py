@@ -115,15 +115,20 @@ def check(video: np.ndarray, colour: str, motion: str, min_travel: float = 0.1) 
 
 
 def evaluate(pipe, seeds=range(20), steps: int | None = None, shift: float | None = None,
-             guide: float | None = None, **sampling) -> dict:
+             guide: float | None = None, expect=None, frames: dict | None = None, **sampling) -> dict:
     """Generate one video per seed for the prompt of that seed's scene and check each: the pass rate and per-seed
     (prompt, ok, why). `pipe` is a WanPipeline of a model trained on these scenes; sampling settings left None are
-    the model's own (its config.json's); `sampling` passes more of generate's (e.g. preset="distill4")."""
+    the model's own (its config.json's); `sampling` passes more of generate's (e.g. preset="distill4"). `expect`
+    maps the prompt's scene to the one the video should show (default: itself); `frames`, if given, receives each
+    seed's video."""
     results = []
     for seed in seeds:
         scene = random_scene(np.random.default_rng(10_000 + seed))  # prompts apart from the training stream's
         video = pipe.generate(scene.prompt, size="64*64", frame_num=17, sample_steps=steps, sample_shift=shift,
                               sample_guide_scale=guide, base_seed=seed, progress=False, **sampling).frames
-        ok, why = check(video, scene.colour, scene.motion)
+        if frames is not None:
+            frames[seed] = video
+        shown = expect(scene) if expect else scene
+        ok, why = check(video, shown.colour, shown.motion)
         results.append({"seed": seed, "prompt": scene.prompt, "ok": bool(ok), "why": why})
     return {"pass_rate": sum(r["ok"] for r in results) / len(results), "results": results}
