@@ -19,7 +19,7 @@ def _size(text: str) -> int:
 
 
 def run_options(args: argparse.Namespace, **override) -> RunOptions:
-    names = ("attention", "scheme", "text_scheme", "vram_budget", "ram_budget")
+    names = ("attention", "scheme", "text_scheme", "vram_budget", "ram_budget", "cache")
     given = {n: getattr(args, n, None) for n in names} | {"loras": tuple(getattr(args, "lora", None) or ())}
     return RunOptions(**given | override)
 
@@ -33,6 +33,14 @@ def add_run_options(p: argparse.ArgumentParser, engine_default: str = "default: 
     p.add_argument("--text-scheme", dest="text_scheme", choices=TEXT_SCHEMES, help="umT5 block weights, "
                    "weight-only (default: as stored): int8 or fp8 halve its memory")
     add_lora_option(p)
+    add_cache_option(p, engine_default)
+
+
+def add_cache_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--cache", metavar="none|magcache[:THRESH[:K]]|teacache[:THRESH]", help="step caching: steps "
+                   "that reuse the DiT blocks' last residual, decided before any GPU work and shown by --plan "
+                   f"({default}none; magcache alone takes the references' settings: 0.12:4 for T2V-1.3B, 0.24:6 "
+                   "for the 14B models; a model without published ratios needs `wanrt calibrate-cache` first)")
 
 
 def add_lora_option(p: argparse.ArgumentParser) -> None:
@@ -111,9 +119,36 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exporting {args.model} to {args.out} ({args.scheme})", flush=True)
     out = export_engine(args.model, args.out, args.scheme, progress=True, backends=backends, latents=latents,
                         overwrite=args.overwrite, text_scheme=args.text_scheme, attention=args.attention,
-                        loras=tuple(args.lora or ()))
+                        loras=tuple(args.lora or ()), cache=args.cache)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     print(f"wrote engine {out} ({args.scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+
+
+def _calibrate_cache(args: argparse.Namespace) -> None:
+    """One generation recording MagCache's ratios, written beside the checkpoint's config (magcache.json)."""
+    import json
+
+    from wanrt.runtime.atomic import atomic_file
+    from wanrt.runtime.checkpoint import CALIBRATION, open_checkpoint
+    from wanrt.runtime.engine import is_engine
+    from wanrt.runtime.pipeline import WanPipeline, resolve_device
+
+    if is_engine(args.model):
+        raise ValueError("calibrate the checkpoint, then export it: an engine records the checkpoint's ratios and "
+                         "holds no file its manifest does not list")
+    out = Path(args.model) / CALIBRATION
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to calibrate again")
+    pipe = WanPipeline(open_checkpoint(args.model), resolve_device(args.device))
+    request = dict(size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps, base_seed=args.base_seed)
+    print(f"calibrating MagCache on {args.model}: one generation, '{args.prompt}'", flush=True)
+    ratios = pipe.calibrate_cache(args.prompt, **request)
+    record = {"ratios": ratios, "steps": len(ratios) // 2, "prompt": args.prompt, "base_seed": args.base_seed,
+              "variant": pipe.variant.name}
+    with atomic_file(out, ".json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} ({len(ratios) // 2} steps); `--cache magcache` now uses it, and engines exported from here "
+          "record it")
 
 
 def _random_checkpoint(args: argparse.Namespace) -> None:
@@ -218,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention", choices=ATTENTION_MODES, default="auto", help="the attention mode the engine "
                    "runs with unless `generate --attention` says otherwise (default: auto)")
     add_lora_option(e)
+    add_cache_option(e, "recorded as the engine's default; ")
     e.add_argument("--backends", help="compiled block graphs, comma-separated: inductor (AOTInductor package), "
                    "compile (torch.compile's cache, for where AOTInductor's loader fails), onnx (validated with "
                    "onnxruntime), tensorrt (needs NVIDIA's TensorRT and a GPU)")
@@ -225,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frame_num", type=int, default=81, help="frames the block graphs are compiled for")
     e.add_argument("--verify", metavar="ENGINE_DIR", help="check an engine's files against its manifest and exit")
     e.set_defaults(func=_export)
+
+    c = sub.add_parser("calibrate-cache", help="record MagCache's step ratios for a checkpoint without published ones")
+    c.add_argument("--model", required=True, help="official or diffusers checkpoint directory (magcache.json is "
+                   "written there)")
+    c.add_argument("--prompt", default="a red circle moves right on a blue background")
+    c.add_argument("--size", help="width*height (default: the variant's first size)")
+    c.add_argument("--frame_num", type=int)
+    c.add_argument("--sample_steps", type=int, help="default: the model's; other step counts are resampled")
+    c.add_argument("--base_seed", type=int, default=0)
+    c.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier calibration")
+    c.set_defaults(func=_calibrate_cache)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (tests and demos, no download)")
     r.add_argument("--variant", default="tiny-t2v")

@@ -73,13 +73,13 @@ BACKENDS = ("inductor", "compile", "onnx", "tensorrt")
 def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", progress: bool = True,
                   backends: tuple[str, ...] = (), latents: tuple[int, int, int] | None = None,
                   overwrite: bool = False, text_scheme: str = "bf16", attention: str = "auto",
-                  loras: tuple[str, ...] = ()) -> Path:
+                  loras: tuple[str, ...] = (), cache: str | None = None) -> Path:
     """Write the engine of checkpoint `model` to `out`: a new or empty folder, or with `overwrite` an engine written
     before (runtime/atomic.py). `scheme` quantizes the DiT's blocks, `text_scheme` umT5's (weight-only); `attention`
-    is recorded as the engine's default (RunOptions); `loras` are merged into the DiT before it is quantized and
+    and `cache` are recorded as the engine's defaults (RunOptions); `loras` are merged into the DiT before it is quantized and
     recorded with their sha256. `backends` adds compiled block graphs for latents of (frames,
     height, width) (default: the variant's first size, 81 frames). The engine is recorded as trusted here."""
-    RunOptions(attention=attention, scheme=scheme, text_scheme=text_scheme)  # one clear line for a bad value
+    RunOptions(attention=attention, scheme=scheme, text_scheme=text_scheme, cache=cache)  # one line for a bad value
     if unknown := set(backends) - set(BACKENDS):
         raise ValueError(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     if "tensorrt" in backends:
@@ -123,7 +123,7 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
             "variant": variant, "source": {"path": str(Path(model).name), "layout": ckpt.layout},
             "schemes": {"dit_blocks": scheme, "dit_resident": "as in the checkpoint", "text_blocks": text_scheme,
                         "text_resident": "as in the checkpoint", "vae": "as in the checkpoint"},
-            "options": {"attention": attention, "scheme": scheme, "text_scheme": text_scheme},
+            "options": {"attention": attention, "scheme": scheme, "text_scheme": text_scheme, "cache": cache},
             "loras": lora_record(merged),
             "backends": compiled.pop("backends"), "fidelity": report, **compiled,
             "files": files, "export_seconds": round(time.perf_counter() - start, 2)}

@@ -202,13 +202,27 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{root} is neither an official Wan2.1 checkpoint (config.json) nor a diffusers one "
                               "(model_index.json)")
     try:
-        ckpt = Checkpoint(root, layout, read_variant(root))
+        ckpt = Checkpoint(root, layout, with_calibration(root, read_variant(root)))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{config} (or a config beside it) is malformed: {type(e).__name__}: {e}") from None
     check_weights(ckpt)
     return ckpt
+
+
+CALIBRATION = "magcache.json"  # a checkpoint's calibrated MagCache ratios (`wanrt calibrate-cache`)
+
+
+def with_calibration(root: Path, v: Variant) -> Variant:
+    """The variant with the MagCache ratios calibrated for this checkpoint, if it has them."""
+    if not (root / CALIBRATION).is_file():
+        return v
+    ratios = read_json(root / CALIBRATION).get("ratios")
+    if not isinstance(ratios, list) or len(ratios) < 4 or len(ratios) % 2 or \
+            not all(isinstance(r, (int, float)) and 0 < r < 100 for r in ratios):
+        raise CheckpointError(f"{root / CALIBRATION}: 'ratios' must be an even-length list of positive numbers")
+    return dataclasses.replace(v, mag_ratios=tuple(float(r) for r in ratios))
 
 
 def stored_shape(t: torch.Tensor) -> tuple[int, ...]:

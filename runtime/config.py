@@ -149,6 +149,9 @@ class Variant:
     sample_shift: float = 5.0
     sample_guide_scale: float = 5.0
     frame_num: int = 81
+    # MagCache ratios calibrated for this model (conditional and unconditional interleaved per step, as published);
+    # empty: the published ones for a Wan2.1 variant (runtime/cache_constants.py), else none
+    mag_ratios: tuple[float, ...] = ()
 
     @property
     def task(self) -> str:

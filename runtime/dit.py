@@ -330,12 +330,17 @@ class WanDiT(nn.Module):
 
     def denoise(self, x: torch.Tensor, time: tuple[torch.Tensor, torch.Tensor],
                 context: torch.Tensor | list[torch.Tensor], weights: Callable[[int], Weights] | None = None,
-                chunk: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+                chunk: int | None = None, runs: tuple[bool, ...] | None = None,
+                residuals: list[torch.Tensor | None] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """x [B, in_dim, F, H, W] latents; time: (e, e0) from `embed_time`; context from `embed_context`, or a list of
         them (the branches of classifier-free guidance): each block is then fetched once and run on every branch's
         residual stream in turn, exactly as separate calls would, and a list of velocities comes back.
         `weights(i)` supplies block i's tensors (default: this module's own; a streamer passes its GPU slots);
-        `chunk` bounds the tokens processed at once. Returns the velocity [B, out_dim, F, H, W] in fp32."""
+        `chunk` bounds the tokens processed at once. Returns the velocity [B, out_dim, F, H, W] in fp32.
+
+        Step caching (runtime/cache.py): `residuals` holds per branch what the blocks added to the residual stream the
+        last time they ran (x_out - x_in), updated here; a branch whose `runs` entry is False adds it instead of
+        running the blocks, and a step where no branch runs fetches no block."""
         cfg = self.cfg
         contexts = context if isinstance(context, list) else [context]
         weights = weights or self.block_weights
@@ -349,12 +354,25 @@ class WanDiT(nn.Module):
         x.copy_(tokens.flatten(2).transpose(1, 2))
         del tokens
         streams = [x] + [x.clone() for _ in contexts[1:]]
+        if runs is not None and residuals is None:
+            raise ValueError("denoise: skipping branches (runs) needs their cached residuals")
+        run = [b for b in range(len(streams)) if runs is None or runs[b]]
+        for b in run if residuals is not None else ():  # x_in, made the residual below
+            residuals[b] = streams[b].clone() if residuals[b] is None else residuals[b].copy_(streams[b])
         rope = rope_tables(cfg.head_dim, grid, x.device)
         block = self.compiled_block if self.compiled_block and self.compiled_block.fits(x.shape[1], chunk) \
             else block_forward
-        for i in range(cfg.num_layers):
+        for i in range(cfg.num_layers if run else 0):
             w = weights(i)
-            streams = [block(s, e0, c, rope, w, cfg, chunk) for s, c in zip(streams, contexts)]
+            for b in run:
+                streams[b] = block(streams[b], e0, contexts[b], rope, w, cfg, chunk)
+        for b in range(len(streams) if residuals is not None else 0):
+            if b in run:
+                residuals[b].neg_().add_(streams[b])
+            elif residuals[b] is None:
+                raise ValueError("a step cache cannot reuse a residual before the blocks have run once")
+            else:
+                streams[b] = streams[b].add_(residuals[b])
         shift, scale = (self.head.modulation.float() + e[:, None]).chunk(2, dim=1)
         head_w, head_b = self.head.head.weight.float(), self.head.head.bias.float()
         out = [unpatchify(torch.cat([F.linear(modulate(s[:, t], shift, scale, cfg.eps), head_w, head_b)

@@ -61,7 +61,7 @@ SAMPLING = ("sample_steps", "sample_shift", "sample_guide_scale", "frame_num")
 def variant_to_json(v: Variant) -> dict:
     return {"name": v.name, "dit": dataclasses.asdict(v.dit), "vae": dataclasses.asdict(v.vae),
             "text": dataclasses.asdict(v.text), "clip": None if v.clip is None else dataclasses.asdict(v.clip),
-            "sizes": list(v.sizes), **{k: getattr(v, k) for k in SAMPLING}}
+            "sizes": list(v.sizes), "mag_ratios": list(v.mag_ratios), **{k: getattr(v, k) for k in SAMPLING}}
 
 
 def variant_from_json(d: dict) -> Variant:
@@ -78,7 +78,7 @@ def variant_from_json(d: dict) -> Variant:
         v = _named_variant(dit, vae, text, clip)
     if "sizes" in d:
         v = dataclasses.replace(v, name=d["name"], sizes=tuple(d["sizes"]), **{k: d[k] for k in SAMPLING})
-    return v
+    return dataclasses.replace(v, mag_ratios=tuple(d.get("mag_ratios", ())))
 
 
 def is_engine(path: str | Path) -> bool:

@@ -70,6 +70,30 @@ def parse_lora(spec: str) -> tuple[Path, float]:
     return Path(path), value
 
 
+CACHE_METHODS = ("none", "magcache", "teacache")  # runtime/cache.py
+MAX_CACHE_THRESH = {"magcache": 1.0, "teacache": 2.0}
+
+
+def parse_cache(spec: str | None) -> tuple[str, float | None, int | None]:
+    """'none', 'magcache[:THRESH[:K]]' or 'teacache[:THRESH]' -> (method, threshold or None, K or None); None means
+    none. Unset values take the model's defaults (runtime/cache.py)."""
+    parts = str(spec or "none").split(":")
+    method = check_choice("cache", parts[0], CACHE_METHODS)
+    most = {"none": 1, "magcache": 3, "teacache": 2}[method]
+    if len(parts) > most:
+        raise ValueError(f"cache must be none, magcache[:THRESH[:K]] or teacache[:THRESH], got {spec!r}")
+    thresh = k = None
+    try:
+        if len(parts) > 1:
+            thresh = check_float(f"the {method} threshold", float(parts[1]), 0.0, MAX_CACHE_THRESH[method], True)
+        if len(parts) > 2:
+            k = check_int("magcache's K (most steps reused in a row)", int(parts[2]), 1, MAX_STEPS)
+    except ValueError as e:
+        raise ValueError(f"cache {spec!r}: {e}" if "must" in str(e) else
+                         f"cache must be none, magcache[:THRESH[:K]] or teacache[:THRESH], got {spec!r}") from None
+    return method, thresh, k
+
+
 def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -89,6 +113,7 @@ class RunOptions:
                  RAM minus 2 GiB.
     loras        LoRA files, "file.safetensors[:strength]", merged into the DiT's weights as they load, or run
                  beside an engine's quantized linears as a low-rank side path (runtime/lora.py).
+    cache        step caching: none | magcache[:THRESH[:K]] | teacache[:THRESH]; default none (runtime/cache.py).
     """
     attention: str | None = None
     scheme: str | None = None
@@ -96,8 +121,10 @@ class RunOptions:
     vram_budget: int | str | None = None
     ram_budget: int | str | None = None
     loras: tuple[str, ...] = ()
+    cache: str | None = None
 
     def __post_init__(self):
+        parse_cache(self.cache)  # an unknown method or a threshold out of range: one line
         if isinstance(self.loras, str):
             raise ValueError("loras must be a list of 'file.safetensors[:strength]', not one string")
         object.__setattr__(self, "loras", tuple(str(spec) for spec in self.loras))

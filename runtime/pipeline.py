@@ -26,6 +26,7 @@ from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
+from .cache import magnitude_ratio, step_schedule
 from .lora import merge_loras, read_lora, side_factors, side_rank
 from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
@@ -144,6 +145,10 @@ class WanPipeline:
         self.phase_stats: dict[str, dict] = {}  # per phase of the last generation: planned and measured peaks, time
         self.block_copy = None  # replaces the streamed blocks' host-to-device copy (benchmarks: a slower link)
         self.loras = []  # the LoRAs applied at load (runtime/lora.py)
+        recorded = getattr(ckpt, "manifest", {}).get("options", {})
+        self.cache = options.cache if options.cache is not None else recorded.get("cache")  # runtime/cache.py
+        self.step_schedule = None  # the last generation's step cache schedule, if one ran
+        self._calibration = None  # per-step magnitude ratios while calibrate_cache runs
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
@@ -207,10 +212,12 @@ class WanPipeline:
             return t.dtype
         return torch.float32 if keeps_fp32(name) else self.dtype
 
-    def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None, branches: int = 2) -> Plan:
-        """branches: 2 with classifier-free guidance, 1 at guidance scale 1 (one DiT pass per step)."""
+    def plan(self, lat: tuple[int, int, int], steps: int, budget: int | None = None, branches: int = 2,
+             cached: bool = False) -> Plan:
+        """branches: 2 with classifier-free guidance, 1 at guidance scale 1 (one DiT pass per step); cached: a step
+        cache keeps each branch's residual."""
         budget = self.vram_budget if budget is None else budget
-        return make_plan(self.variant, lat, steps, budget, self.dtype, self.vae_dtype, branches)
+        return make_plan(self.variant, lat, steps, budget, self.dtype, self.vae_dtype, branches, cached)
 
     def latent_shape(self, size: str, frame_num: int, image=None) -> tuple[int, int, int]:
         """(frames, height, width) of the latents; I2V keeps the image's aspect ratio under size's area."""
@@ -237,13 +244,33 @@ class WanPipeline:
         req, _, lat = self._request(image, size=size, frame_num=frame_num, sample_steps=sample_steps, **request)
         size, frame_num, steps = req.size, req.frame_num, req.sample_steps
         _, branches = self._guidance(req)
+        schedule = self._step_schedule(req, branches, self._solver(req).timesteps)
         stores = ", ".join(f"{name} {'pinned RAM' if isinstance(s, PinnedStore) else 'memory-mapped'}"
                            for name, s in (("DiT", self.dit_store), ("text", self.text_store),
                                            ("CLIP", self.clip_store)) if s is not None)
         return (f"{v.name} {size} x {frame_num} frames, {steps} steps x {branches} DiT pass{'es' * (branches > 1)}, "
                 f"latents {lat}\n  runs: attention {v.dit.attention}, DiT blocks {v.dit.quant}"
                 f"{f' with a LoRA side path of rank {v.dit.lora_rank}' if v.dit.lora_rank else ''}, text blocks "
-                f"{v.text.quant}\n" + self.plan(lat, steps, branches=branches).describe() + f"\n  host: {stores}")
+                f"{v.text.quant}\n" + self.plan(lat, steps, branches=branches, cached=bool(schedule)).describe()
+                + f"\n  host: {stores}" + (f"\n  {schedule.describe()}" if schedule else ""))
+
+    def _solver(self, req: Request):
+        """The request's sampler; the shift is the request's, else the official rule for Wan's variants, else the
+        model's own (a model of ours carries its training shift)."""
+        v = self.variant
+        if req.sample_shift is not None:
+            shift = req.sample_shift
+        else:
+            shift = default_shift(v.task, req.size) if v.name in VARIANTS else v.sample_shift
+        return make_solver(req.sample_solver, req.sample_steps, shift, req.denoising_step_list)
+
+    def _step_schedule(self, req: Request, branches: int, timesteps: torch.Tensor):
+        """The step cache's schedule for this request (runtime/cache.py), or None; TeaCache's needs the time
+        projections of the timesteps, from the DiT's host weights."""
+        def time_projection():
+            with torch.no_grad():
+                return self.dit.embed_time(timesteps.float())[1]
+        return step_schedule(self.cache, self.variant, req.size, req.sample_steps, branches, time_projection)
 
     def _guidance(self, req: Request) -> tuple[float, int]:
         """The guidance scale (the request's, else the model's) and the DiT passes per step it takes: 2 with
@@ -267,15 +294,14 @@ class WanPipeline:
                                       sample_solver=sample_solver, base_seed=base_seed, prompt=prompt,
                                       neg_prompt=neg_prompt, denoising_step_list=denoising_step_list, preset=preset)
         size, frame_num, steps = req.size, req.frame_num, req.sample_steps
-        if req.sample_shift is not None:
-            shift = req.sample_shift
-        else:  # the official rule for Wan's variants; a model of our own carries its training shift
-            shift = default_shift(v.task, size) if v.name in VARIANTS else v.sample_shift
         guide, branches = self._guidance(req)
+        solver = self._solver(req)
+        schedule = None if self._calibration is not None else self._step_schedule(req, branches, solver.timesteps)
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
         prompts = [prompt, neg_prompt][:branches]  # guidance 1: no unconditional branch, no negative prompt
-        plan = self.plan(lat, steps, branches=branches)  # before any GPU work: refuses here if the budget cannot fit
+        # before any GPU work: refuses here if the budget cannot fit
+        plan = self.plan(lat, steps, branches=branches, cached=schedule is not None or self._calibration is not None)
         self.phase_stats = {}
         run = functools.partial(self._run_phase, plan, lat, steps, branches, progress)
 
@@ -287,16 +313,34 @@ class WanPipeline:
         # Noise from a CPU generator: the same seed gives the same video on any device.
         g = torch.Generator().manual_seed(seed)
         latents = torch.randn(1, v.vae.z_dim, *lat, generator=g).to(self.device)
-        solver = make_solver(req.sample_solver, steps, shift, req.denoising_step_list)
         contexts, temb = run("embed", self._embed, contexts, clip_fea, solver.timesteps)
         del clip_fea
-        latents = run("denoise", self._denoise, latents, cond, contexts, temb, solver, guide, progress, callback)
+        self.step_schedule = schedule
+        latents = run("denoise", self._denoise, latents, cond, contexts, temb, solver, guide, progress, callback,
+                      schedule)
+        if progress and schedule is not None:
+            print(f"denoise: {schedule.computed} of {schedule.passes} DiT passes ran the blocks, "
+                  f"{schedule.passes - schedule.computed} reused the cached residual ({schedule.method} "
+                  f"{schedule.settings})", flush=True)
         del contexts, temb, cond
         if not torch.isfinite(latents).all():  # one sync per video: never decode and write garbage
             raise GenerationError("the denoised latents hold NaN or inf values; nothing was written (a model or "
                                   "quantization problem: try --scheme bf16 or another attention mode)")
         video = run("decode", self._decode, latents)
         return Video(to_uint8_frames(video[0]), FPS, seed)
+
+    def calibrate_cache(self, prompt: str, **request) -> list[float]:
+        """MagCache's ratios for this model, from one generation (generate's keywords) as the reference calibrates:
+        per step after the first and per branch, the mean over tokens of ||r_t|| / ||r_(t-1)|| of the blocks'
+        residual r, the branches interleaved (conditional first) after the reference's [1.0, 1.0]. At guidance 1
+        the one branch's ratio stands for both."""
+        self._calibration = []
+        try:
+            self.generate(prompt, **request)
+            rows = self._calibration
+        finally:
+            self._calibration = None
+        return [1.0, 1.0] + [round(r, 5) for row in rows for r in (row * 2 if len(row) == 1 else row)]
 
     # -- phases: each takes its PhasePlan first
     def _run_phase(self, plan: Plan, lat, steps, branches: int, progress: bool, name: str, fn, *args):
@@ -382,20 +426,39 @@ class WanPipeline:
         return contexts, temb
 
     def _denoise(self, phase: PhasePlan, latents, cond, contexts, temb, solver, guide_scale, progress,
-                 callback=None):
+                 callback=None, schedule=None):
         """The sampling loop. With guidance, where blocks stream, the conditional and the unconditional branch run
         each block in turn while it is on the GPU (half the host-to-device traffic of one pass per branch); with
         every block resident they run one after the other (no second residual stream). At guidance 1 there is one
-        branch. The plan decides (`phase.shared`)."""
+        branch. The plan decides (`phase.shared`). A step cache's schedule says per step and branch whether the
+        blocks run or the branch's cached residual is added (runtime/cache.py)."""
         e, e0 = temb
         solver.reset()  # a re-planned retry starts the schedule again
+        cached = schedule is not None or self._calibration is not None
+        residuals = [None] * len(contexts) if cached else None
+
+        def velocities(x, t, runs):
+            if phase.shared is not False:
+                return self.dit.denoise(x, t, contexts, streamer, phase.chunk, runs, residuals)
+            out = []
+            for b, c in enumerate(contexts):  # one branch after the other, each with its own cached residual
+                mine = residuals[b : b + 1] if cached else None
+                out += self.dit.denoise(x, t, [c], streamer, phase.chunk, runs and runs[b : b + 1], mine)
+                if cached:
+                    residuals[b] = mine[0]
+            return out
+
         with self._streamer(self.dit_store, phase) as streamer, \
                 on_device([self.dit.patch_embedding, self.dit.head], self.device):
+            previous = None
             for i in tqdm(range(solver.steps), desc="denoise", unit="step", disable=not progress):
                 t = (e[i : i + 1], e0[i : i + 1])
                 x = latents if cond is None else torch.cat([latents, cond], dim=1)
-                v = (self.dit.denoise(x, t, contexts, streamer, phase.chunk) if phase.shared is not False else
-                     [self.dit.denoise(x, t, c, streamer, phase.chunk) for c in contexts])
+                v = velocities(x, t, schedule.runs[i] if schedule is not None else None)
+                if self._calibration is not None:  # MagCache's statistic, per branch, from the second step on
+                    if previous is not None:
+                        self._calibration.append([magnitude_ratio(r, p) for r, p in zip(residuals, previous)])
+                    previous = [r.clone() for r in residuals]
                 latents = solver.step(v[0] if len(v) == 1 else cfg(v[0], v[1], guide_scale), i, latents)
                 if callback is not None:
                     callback(i + 1, solver.steps)

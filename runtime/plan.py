@@ -273,9 +273,10 @@ def _block_bytes(block: dict[str, torch.Tensor]) -> int:
 
 
 def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype,
-                  branches: int = 2) -> PhasePlan:
+                  branches: int = 2, cached: bool = False) -> PhasePlan:
     """The DiT over the schedule; with guidance, both branches (conditional, unconditional) run each block in turn
-    while it is on the GPU, each with its own residual stream (traced below)."""
+    while it is on the GPU, each with its own residual stream (traced below). With a step cache, each branch keeps
+    the blocks' last residual, a residual stream's size, for the whole phase."""
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
     shell = meta_bytes([*model.patch_embedding.parameters(), *model.head.parameters()])
@@ -289,6 +290,7 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     grid = (lat[0] // cfg.patch_size[0], lat[1] // cfg.patch_size[1], lat[2] // cfg.patch_size[2])
     rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
     fixed = shell + branches * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
+    fixed += branches * tokens * cfg.dim * 4 if cached else 0
     rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
     block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
     if cfg.lora_rank:  # a LoRA side path: a pair of factors of that rank beside every linear (the most it can be)
@@ -429,9 +431,10 @@ def _coverage(tile, h: int, w: int) -> float:
 
 def plan_phase(name: str, v: Variant, lat: tuple[int, int, int], steps: int, budget: int,
                dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.bfloat16,
-               branches: int = 2) -> PhasePlan:
+               branches: int = 2, cached: bool = False) -> PhasePlan:
     """One phase's plan; lat = latent (frames, height, width); dtype of the transformers, vae_dtype of the VAE's
-    convolutions; branches: 2 with classifier-free guidance, 1 without (guidance scale 1)."""
+    convolutions; branches: 2 with classifier-free guidance, 1 without (guidance scale 1); cached: a step cache
+    keeps residuals (runtime/cache.py)."""
     if name == "text":
         return text_phase(v, budget, dtype, branches)
     if name == "clip":
@@ -439,20 +442,20 @@ def plan_phase(name: str, v: Variant, lat: tuple[int, int, int], steps: int, bud
     if name == "embed":
         return embed_phase(v, steps, budget, dtype, branches)
     if name == "denoise":
-        return denoise_phase(v, lat, steps, budget, dtype, branches)
+        return denoise_phase(v, lat, steps, budget, dtype, branches, cached)
     return vae_phase(name, v, lat, budget, vae_dtype)
 
 
 @functools.lru_cache(maxsize=16)
 def make_plan(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype = torch.bfloat16,
-              vae_dtype: torch.dtype = torch.bfloat16, branches: int = 2) -> Plan:
+              vae_dtype: torch.dtype = torch.bfloat16, branches: int = 2, cached: bool = False) -> Plan:
     """Plan every phase of one generation with latents of (frames, height, width) under `budget` bytes of VRAM,
     or raise PlanError naming the smallest budget that would fit."""
     names = ["text"] + (["clip", "encode"] if v.task == "i2v" else []) + ["embed", "denoise", "decode"]
     phases, errors = [], []
     for name in names:
         try:
-            phases.append(plan_phase(name, v, lat, steps, budget, dtype, vae_dtype, branches))
+            phases.append(plan_phase(name, v, lat, steps, budget, dtype, vae_dtype, branches, cached))
         except PlanError as e:
             errors.append(e)
     if errors:  # name the budget that fits every phase

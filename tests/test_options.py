@@ -83,7 +83,7 @@ def engine(checkpoints, tmp_path_factory):
 
 def test_an_engine_records_its_options_and_runs_with_them(engine):
     m = json.loads((engine / MANIFEST).read_text())
-    assert m["options"] == {"attention": "int8", "scheme": "int8", "text_scheme": "int8"}
+    assert m["options"] == {"attention": "int8", "scheme": "int8", "text_scheme": "int8", "cache": None}
     assert m["schemes"]["text_blocks"] == "int8"
     from safetensors import safe_open
 
