@@ -14,8 +14,8 @@ import wanrt
 from training.synthetic import evaluate
 from wanrt.bench.common import write_report
 
-SETTINGS = {"model's own (20 steps, unipc, guidance 5)": {}, "preset distill4 (4 steps, euler, guidance 1)":
-            {"preset": "distill4"}, "4 steps, unipc, guidance 5": {"steps": 4}, "8 steps, unipc, guidance 5":
+SETTINGS = {"model's own (20 steps, unipc, guidance 2)": {}, "preset distill4 (4 steps, euler, guidance 1)":
+            {"preset": "distill4"}, "4 steps, unipc, guidance 2": {"steps": 4}, "8 steps, unipc, guidance 2":
             {"steps": 8}, "preset distill4 with guidance 5": {"preset": "distill4", "guide": 5.0}}
 
 

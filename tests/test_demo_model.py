@@ -27,8 +27,9 @@ def test_generate_without_a_model_uses_the_demo_model(tmp_path, capsys):
     assert (tmp_path / "v.mp4").stat().st_size > 0
 
 
-@pytest.mark.parametrize("options", [{}, {"text_scheme": "int8"}, {"text_scheme": "fp8", "scheme": "int8"}],
-                         ids=["defaults", "text int8", "text fp8 + DiT int8"])
+@pytest.mark.parametrize("options", [{}, {"text_scheme": "int8"}, {"text_scheme": "fp8", "scheme": "int8"},
+                                     {"cache": "magcache"}],
+                         ids=["defaults", "text int8", "text fp8 + DiT int8", "magcache (16 of 40 passes)"])
 def test_the_demo_model_draws_what_the_prompt_asks(options):
     result = evaluate(wanrt.load(device="cpu", **options))
     failures = [(r["seed"], r["prompt"], r["why"]) for r in result["results"] if not r["ok"]]
