@@ -45,8 +45,8 @@ def add_cache_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def add_lora_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", help="a LoRA (diffusers/PEFT, musubi/kohya "
-                   "or ComfyUI/official keys) merged into the DiT before quantization (beside an engine's quantized linears, as a "
-                   "low-rank side path); repeat for several")
+                   "or ComfyUI/official keys) merged into the DiT before quantization (beside an engine's quantized "
+                   "linears, as a low-rank side path); repeat for several")
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -45,8 +45,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     device = str(pipe.device) if pipe.device.type == "cpu" else torch.cuda.get_device_name()
     md = [f"# Demo model with step caching ({device})", "", "20 fixed prompts and seeds (64x64, 17 frames, guidance "
-          f"{pipe.variant.sample_guide_scale:g}, 20 steps unless said). PSNR: mean over the seeds of the frames against "
-          "the uncached video of the same seed and steps. Reproduce: `python -m experiments.demo_cache`.", "",
+          f"{pipe.variant.sample_guide_scale:g}, 20 steps unless said). PSNR: mean over the seeds of the frames "
+          "against the uncached video of the same seed and steps. Reproduce: `python -m experiments.demo_cache`.", "",
           "| setting | DiT passes run | pass rate | failed seeds | PSNR vs uncached (dB) |", "|---|---|---|---|---|"]
     md += [f"| {r['setting']} | {r['dit_passes']} | {r['pass_rate']:.0%} | {r['failed_seeds']} | "
            f"{'-' if r['psnr_vs_uncached_db'] is None else r['psnr_vs_uncached_db']} |" for r in rows]

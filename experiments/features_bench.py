@@ -119,8 +119,8 @@ def timed_generation(pipe: WanPipeline, size: str, frames: int, request: dict, d
     sync(dev)
     seconds = time.perf_counter() - start
     pipe._decode = decode
-    stats = {"seconds": round(seconds, 3),
-             "peak_reserved_gib": round(max((s["max_reserved"] for s in pipe.phase_stats.values()), default=0) / GiB, 3),
+    peak = max((s["max_reserved"] for s in pipe.phase_stats.values()), default=0)
+    stats = {"seconds": round(seconds, 3), "peak_reserved_gib": round(peak / GiB, 3),
              "phases": {n: {"seconds": round(s["seconds"], 3), "max_reserved_gib": round(s["max_reserved"] / GiB, 3)}
                         for n, s in pipe.phase_stats.items()}}
     if pipe.step_schedule is not None:
@@ -155,8 +155,8 @@ def diffusers_row(source, pipe: WanPipeline, size: str, frames: int, steps: int,
     generate(contexts[0], contexts[1], w, h, frames, steps, 5.0)
     sync(dev)
     peak = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0
-    row = {"group": "options", "label": "diffusers WanPipeline, resident", "seconds": round(time.perf_counter() - start, 3),
-           "peak_reserved_gib": round(peak / GiB, 3)}
+    row = {"group": "options", "label": "diffusers WanPipeline, resident",
+           "seconds": round(time.perf_counter() - start, 3), "peak_reserved_gib": round(peak / GiB, 3)}
     del model, vae, generate
     gc.collect()
     torch.cuda.empty_cache()
@@ -178,7 +178,8 @@ def main() -> None:
     dev = torch.device(a.device)
     source = RandomSource(a.variant)
     link = LinkEmulator(a.link_gbps, dev) if a.link_gbps else None
-    report = {"gpu": gpu_info() if dev.type == "cuda" else {"name": "cpu"}, "variant": a.variant, "size": a.size, "frame_num": a.frame_num,
+    report = {"gpu": gpu_info() if dev.type == "cuda" else {"name": "cpu"}, "variant": a.variant, "size": a.size,
+              "frame_num": a.frame_num,
               "vram_budget_gib": a.vram_budget and a.vram_budget / GiB, "link_gbps": a.link_gbps,
               "command": "python -m experiments.features_bench " + " ".join(
                   f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(a).items() if v and k != "out"),

@@ -76,9 +76,9 @@ def export_engine(model: str | Path, out: str | Path, scheme: str = "bf16", prog
                   loras: tuple[str, ...] = (), cache: str | None = None) -> Path:
     """Write the engine of checkpoint `model` to `out`: a new or empty folder, or with `overwrite` an engine written
     before (runtime/atomic.py). `scheme` quantizes the DiT's blocks, `text_scheme` umT5's (weight-only); `attention`
-    and `cache` are recorded as the engine's defaults (RunOptions); `loras` are merged into the DiT before it is quantized and
-    recorded with their sha256. `backends` adds compiled block graphs for latents of (frames,
-    height, width) (default: the variant's first size, 81 frames). The engine is recorded as trusted here."""
+    and `cache` are recorded as the engine's defaults (RunOptions); `loras` are merged into the DiT before it is
+    quantized and recorded with their sha256. `backends` adds compiled block graphs for latents of (frames, height,
+    width) (default: the variant's first size, 81 frames). The engine is recorded as trusted here."""
     RunOptions(attention=attention, scheme=scheme, text_scheme=text_scheme, cache=cache)  # one line for a bad value
     if unknown := set(backends) - set(BACKENDS):
         raise ValueError(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")

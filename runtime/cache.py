@@ -44,7 +44,8 @@ class StepSchedule:
     def describe(self) -> str:
         steps = "".join("R" if any(r) else "." for r in self.runs)
         return (f"step cache: {self.method} {self.settings}: {self.computed} of {self.passes} DiT passes run the "
-                f"blocks, {self.passes - self.computed} reuse the cached residual\n    steps (R runs, . reuses): {steps}")
+                f"blocks, {self.passes - self.computed} reuse the cached residual\n"
+                f"    steps (R runs, . reuses): {steps}")
 
 
 def constants_key(variant_name: str, size: str) -> str:
@@ -128,8 +129,9 @@ def step_schedule(spec: str | None, variant, size: str, steps: int, branches: in
         return StepSchedule("magcache", f"(threshold {thresh:g}, K {k})", tuple(runs))
     coefficients = TEACACHE_COEFFICIENTS.get(key)
     if coefficients is None:
-        raise ValueError(f"teacache has no published coefficients for {variant.name} (only {', '.join(TEACACHE_COEFFICIENTS)}"
-                         "); use magcache, whose ratios can be calibrated for any model")
+        raise ValueError(f"teacache has no published coefficients for {variant.name} (only "
+                         f"{', '.join(TEACACHE_COEFFICIENTS)}); use magcache, whose ratios can be calibrated for any "
+                         "model")
     thresh = thresh or TEACACHE_DEFAULTS.get(variant.name, TEACACHE_DEFAULT)
     runs = teacache_runs(time_projection(), coefficients, thresh, branches)
     return StepSchedule("teacache", f"(threshold {thresh:g})", tuple(runs))

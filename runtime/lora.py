@@ -154,10 +154,10 @@ def side_factors(loras: list[Lora], cfg: DiTConfig) -> tuple[list[Lora], dict[st
     into up), in fp32. Every block gets the same linears at the same ranks, zero-padded (zero rows add nothing),
     because all blocks share one layout where they stream."""
     with torch.device("meta"):
-        model = WanDiT(cfg)
-    shapes = {f"blocks.{i}.{name}.weight": tuple(model.blocks[i].get_submodule(name).weight.shape)
-              for i in range(cfg.num_layers) for name in QUANTIZED_LINEARS if _has(model.blocks[i], name)}
-    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        block = WanDiT(dataclasses.replace(cfg, num_layers=1)).blocks[0]  # every block has the same linears
+    linears = {n: tuple(m.weight.shape) for n, m in block.named_modules() if n in QUANTIZED_LINEARS}
+    shapes = {f"blocks.{i}.{n}.weight": s for i in range(cfg.num_layers) for n, s in linears.items()}
+    pairs: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # linear -> (block, down, scaled up)
     rest = []
     for lora in loras:
         kept = {}
@@ -188,14 +188,6 @@ def side_factors(loras: list[Lora], cfg: DiTConfig) -> tuple[list[Lora], dict[st
             tensors[f"blocks.{i}.{linear}.lora_down"] = F.pad(down, (0, 0, 0, rank - down.shape[0]))
             tensors[f"blocks.{i}.{linear}.lora_up"] = F.pad(up, (0, rank - up.shape[1]))
     return rest, tensors
-
-
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def side_rank(tensors: dict[str, torch.Tensor]) -> int:

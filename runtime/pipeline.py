@@ -300,10 +300,10 @@ class WanPipeline:
         seed = base_seed if base_seed >= 0 else random.randint(0, 2**31 - 1)
         neg_prompt = neg_prompt or default_neg_prompt(v.task)
         prompts = [prompt, neg_prompt][:branches]  # guidance 1: no unconditional branch, no negative prompt
-        # before any GPU work: refuses here if the budget cannot fit
-        plan = self.plan(lat, steps, branches=branches, cached=schedule is not None or self._calibration is not None)
+        cached = schedule is not None or self._calibration is not None  # residuals kept per branch
+        plan = self.plan(lat, steps, branches=branches, cached=cached)  # before any GPU work: refuses if it cannot fit
         self.phase_stats = {}
-        run = functools.partial(self._run_phase, plan, lat, steps, branches, progress)
+        run = functools.partial(self._run_phase, plan, lat, steps, branches, cached, progress)
 
         contexts = run("text", self._encode_text, prompts)
         clip_fea = cond = None
@@ -343,7 +343,7 @@ class WanPipeline:
         return [1.0, 1.0] + [round(r, 5) for row in rows for r in (row * 2 if len(row) == 1 else row)]
 
     # -- phases: each takes its PhasePlan first
-    def _run_phase(self, plan: Plan, lat, steps, branches: int, progress: bool, name: str, fn, *args):
+    def _run_phase(self, plan: Plan, lat, steps, branches: int, cached: bool, progress: bool, name: str, fn, *args):
         """Run one phase under its plan. If the GPU still runs out of memory (another process took some), re-plan
         the phase once for what is free now, then fail with a clear message."""
         if progress and name in PHASE_LINES:  # the denoise phase has its own progress bar
@@ -358,7 +358,7 @@ class WanPipeline:
         warnings.warn(f"out of GPU memory in the {name} phase; retrying it with a {smaller / 2**30:.2f} GiB plan",
                       stacklevel=3)
         try:
-            phase = plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype, branches)
+            phase = plan_phase(name, self.variant, lat, steps, smaller, self.dtype, self.vae_dtype, branches, cached)
             return self._measured(name, phase, fn, *args)
         except (torch.OutOfMemoryError, PlanError) as e:
             raise GenerationError(f"out of GPU memory in the {name} phase even after re-planning for "
@@ -434,6 +434,8 @@ class WanPipeline:
         blocks run or the branch's cached residual is added (runtime/cache.py)."""
         e, e0 = temb
         solver.reset()  # a re-planned retry starts the schedule again
+        if self._calibration is not None:
+            self._calibration.clear()
         cached = schedule is not None or self._calibration is not None
         residuals = [None] * len(contexts) if cached else None
 
