@@ -32,7 +32,8 @@ from .dit import BlockGraph
 from .trust import is_trusted, manifest_digest
 
 FORMAT = "wanrt-engine"
-FORMAT_VERSION = 2  # 2: run options recorded, umT5 blocks may be quantized (weight-only)
+FORMAT_VERSION = 3  # 2: run options recorded, umT5 blocks may be quantized (weight-only); 3: a step cache option
+# and calibrated MagCache ratios recorded
 MANIFEST = "manifest.json"
 
 

@@ -11,7 +11,7 @@ import torch
 import wanrt
 from wanrt.cli import main
 from wanrt.export.engine import export_engine
-from wanrt.runtime.cache import RETENTION, TEACACHE_KEPT, magcache_runs, teacache_runs
+from wanrt.runtime.cache import RETENTION, TEACACHE_KEPT, constants_key, magcache_runs, teacache_runs
 from wanrt.runtime.cache_constants import MAG_RATIOS, TEACACHE_COEFFICIENTS
 from wanrt.runtime.checkpoint import CheckpointError, open_checkpoint
 from wanrt.runtime.dit import WanDiT
@@ -226,3 +226,8 @@ def test_the_demo_model_plan_shows_its_cache_schedule(capsys):
     out = capsys.readouterr().out
     assert "step cache: magcache (threshold 0.24, K 6): 16 of 40 DiT passes run the blocks" in out
     assert "steps (R runs, . reuses): RRRR....R...R..R..R." in out
+
+
+def test_the_i2v_constants_follow_the_size_generated():
+    assert constants_key("i2v-14B", "1280*720") == "i2v-14B-720P" == constants_key("i2v-14B", "720*1280")
+    assert constants_key("i2v-14B", "832*480") == "i2v-14B-480P" and constants_key("t2v-14B", "1280*720") == "t2v-14B"

@@ -116,6 +116,17 @@ def test_tampered_engines_are_refused(engine_copy, tamper, message):
         open_engine(engine_copy, capability=(9, 0))
 
 
+def test_a_format_2_engine_still_opens(engine_copy):
+    """Engines written before step caching: no cache option, no MagCache ratios, no LoRA side rank in the DiT config."""
+    m = json.loads((engine_copy / "manifest.json").read_text())
+    m["variant"].pop("mag_ratios")
+    m["variant"]["dit"].pop("lora_rank")
+    m["options"].pop("cache")
+    _edit_manifest(engine_copy, format_version=2, variant=m["variant"], options=m["options"])
+    pipe = wanrt.load(engine_copy, device="cpu")
+    assert pipe.cache is None and pipe.variant.mag_ratios == () and pipe.variant.dit.lora_rank == 0
+
+
 def test_sha256_all_hashes_each_file_in_order(tmp_path):
     import hashlib
 
