@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scheme", choices=SCHEMES, help="DiT block weights (default: as stored)")
     b.add_argument("--text-scheme", dest="text_scheme", choices=TEXT_SCHEMES, help="umT5 block weights (default: "
                    "as stored)")
+    add_lora_option(b)
+    add_cache_option(b, "")
     b.add_argument("--runs", type=int, default=3, help="timed calls per phase (median and spread)")
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,

@@ -124,7 +124,8 @@ class Bench:
             "config": {"variant": v.name, "size": self.size, "frame_num": args.frame_num, "latents": list(self.lat),
                        "steps_whole": args.steps, "runs": args.runs, "warmup": args.warmup,
                        "link_gbps": args.link_gbps, "prompt": args.prompt,
-                       "sample_guide_scale": args.sample_guide_scale},
+                       "sample_guide_scale": args.sample_guide_scale, "cache": args.cache,
+                       "loras": list(args.lora or ())},
             "rows": [], "link": None, "peaks": None}
         self.branches = 1 if args.sample_guide_scale == 1 else 2  # guidance 1: one DiT pass per step
         self.link = LinkEmulator(args.link_gbps, device) if args.link_gbps else None
@@ -148,7 +149,8 @@ class Bench:
     # -- wanrt rows
     def pipeline(self, attention: str) -> WanPipeline:
         a = self.args
-        options = RunOptions(attention=attention, scheme=a.scheme, text_scheme=a.text_scheme)
+        options = RunOptions(attention=attention, scheme=a.scheme, text_scheme=a.text_scheme,
+                             loras=tuple(a.lora or ()), cache=a.cache)
         pipe = WanPipeline(self.source, device=self.device, options=options)
         pipe.block_copy = self.link
         return pipe

@@ -69,7 +69,8 @@ def magcache_runs(ratios: list[float], steps: int, branches: int, thresh: float,
     """MagCache's decisions: `ratios` interleaved (cond, uncond) per step, resampled to `steps` per branch as the
     reference does when the counts differ. Per branch, after the first RETENTION of calls: multiply the ratios since
     the last computed call, add |1 - product| to the error, reuse while the error stays under `thresh` for at most
-    `k` calls in a row."""
+    `k` calls in a row. The first step always runs (for very few steps the reference would judge it too, with no
+    residual yet to reuse)."""
     per_branch = [ratios[b::2] for b in range(2)][:branches]
     if len(per_branch[0]) != steps:
         per_branch = [nearest_interp(r, steps) for r in per_branch]
@@ -79,7 +80,7 @@ def magcache_runs(ratios: list[float], steps: int, branches: int, thresh: float,
         step = []
         for b in range(branches):
             run = True
-            if i * branches + b >= int(steps * branches * RETENTION):
+            if i > 0 and i * branches + b >= int(steps * branches * RETENTION):
                 ratio[b] *= per_branch[b][i]
                 skipped[b] += 1
                 err[b] += abs(1 - ratio[b])
@@ -109,31 +110,46 @@ def teacache_runs(e0: torch.Tensor, coefficients: tuple[float, ...], thresh: flo
     return runs
 
 
-def step_schedule(spec: str | None, variant, size: str, steps: int, branches: int, time_projection) -> \
-        StepSchedule | None:
-    """The schedule a cache spec ('magcache[:THRESH[:K]]', 'teacache[:THRESH]', 'none' or None) gives this run, or
-    None for no caching. `time_projection()` returns e0 for the schedule (only TeaCache calls it). A variant with
-    neither published constants nor calibrated ratios is refused."""
-    method, thresh, k = parse_cache(spec)
-    if method == "none":
-        return None
+def constants(method: str, variant, size: str) -> tuple[float, ...]:
+    """MagCache's ratios (the model's calibration, else the published ones) or TeaCache's coefficients for this
+    variant at this size; a variant with neither is refused, naming the way out."""
     key = constants_key(variant.name, size)
     if method == "magcache":
         ratios = variant.mag_ratios or MAG_RATIOS.get(key)
         if ratios is None:
             raise ValueError(f"magcache has no published ratios for {variant.name}: calibrate them once with "
                              f"`wanrt calibrate-cache --model DIR` (they are stored with the checkpoint)")
-        d_thresh, d_k = MAGCACHE_DEFAULTS.get(variant.name, MAGCACHE_DEFAULT)
-        thresh, k = thresh or d_thresh, k or d_k
-        runs = magcache_runs(list(ratios), steps, branches, thresh, k)
-        return StepSchedule("magcache", f"(threshold {thresh:g}, K {k})", tuple(runs))
+        return ratios
     coefficients = TEACACHE_COEFFICIENTS.get(key)
     if coefficients is None:
         raise ValueError(f"teacache has no published coefficients for {variant.name} (only "
                          f"{', '.join(TEACACHE_COEFFICIENTS)}); use magcache, whose ratios can be calibrated for any "
                          "model")
+    return coefficients
+
+
+def check_cache(spec: str | None, variant) -> None:
+    """A cache spec this model can run, checked before any weight is read."""
+    method = parse_cache(spec)[0]
+    if method != "none":
+        constants(method, variant, variant.sizes[0] if variant.sizes else "832*480")
+
+
+def step_schedule(spec: str | None, variant, size: str, steps: int, branches: int, time_projection) -> \
+        StepSchedule | None:
+    """The schedule a cache spec ('magcache[:THRESH[:K]]', 'teacache[:THRESH]', 'none' or None) gives this run, or
+    None for no caching. `time_projection()` returns e0 for the schedule (only TeaCache calls it)."""
+    method, thresh, k = parse_cache(spec)
+    if method == "none":
+        return None
+    values = constants(method, variant, size)
+    if method == "magcache":
+        d_thresh, d_k = MAGCACHE_DEFAULTS.get(variant.name, MAGCACHE_DEFAULT)
+        thresh, k = thresh or d_thresh, k or d_k
+        runs = magcache_runs(list(values), steps, branches, thresh, k)
+        return StepSchedule("magcache", f"(threshold {thresh:g}, K {k})", tuple(runs))
     thresh = thresh or TEACACHE_DEFAULTS.get(variant.name, TEACACHE_DEFAULT)
-    runs = teacache_runs(time_projection(), coefficients, thresh, branches)
+    runs = teacache_runs(time_projection(), values, thresh, branches)
     return StepSchedule("teacache", f"(threshold {thresh:g})", tuple(runs))
 
 

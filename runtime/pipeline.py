@@ -26,7 +26,7 @@ from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
-from .cache import magnitude_ratio, step_schedule
+from .cache import check_cache, magnitude_ratio, step_schedule
 from .lora import merge_loras, read_lora, side_factors, side_rank
 from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
@@ -147,6 +147,7 @@ class WanPipeline:
         self.loras = []  # the LoRAs applied at load (runtime/lora.py)
         recorded = getattr(ckpt, "manifest", {}).get("options", {})
         self.cache = options.cache if options.cache is not None else recorded.get("cache")  # runtime/cache.py
+        check_cache(self.cache, ckpt.variant)
         self.step_schedule = None  # the last generation's step cache schedule, if one ran
         self._calibration = None  # per-step magnitude ratios while calibrate_cache runs
 

@@ -61,6 +61,12 @@ def test_magcache_schedule_is_the_reference_decision_loop(key, steps, thresh, k,
     assert [r[0] for r in one][int(steps * RETENTION):] == [r[0] for r in ours][int(steps * RETENTION):]
 
 
+@pytest.mark.parametrize("steps,branches", [(1, 2), (2, 2), (4, 1), (3, 1)])
+def test_very_few_steps_run_the_first_one(steps, branches):
+    runs = magcache_runs(list(MAG_RATIOS["t2v-1.3B"]), steps, branches, 0.5, 6)
+    assert runs[0] == (True,) * branches and len(runs) == steps
+
+
 def reference_teacache(e0s, coefficients, thresh, steps):
     """TeaCache4Wan2.1's teacache_forward for the conditional calls, retention-steps mode (ret_steps 5*2, cutoff
     sample_steps*2)."""
@@ -175,8 +181,9 @@ def test_caching_with_streamed_blocks_and_token_chunks_matches_resident(calibrat
 
 
 def test_teacache_on_a_named_variant_and_guidance_1(checkpoints):
-    pipe = wanrt.load(checkpoints["t2v", "official"], device="cpu", cache="teacache:0.3")
+    pipe = wanrt.load(checkpoints["t2v", "official"], device="cpu")
     pipe.variant = dataclasses.replace(pipe.variant, name="t2v-1.3B")  # borrow 1.3B's coefficients
+    pipe.cache = "teacache:0.3"
     pipe.generate(PROMPT, **dict(KW, sample_steps=12, sample_guide_scale=1.0))
     schedule = pipe.step_schedule
     assert schedule.passes == 12 and schedule.runs[:TEACACHE_KEPT] == ((True,),) * TEACACHE_KEPT
@@ -214,6 +221,8 @@ def test_a_model_without_constants_or_calibration_is_refused(checkpoints, tmp_pa
     assert main(["generate", "--model", str(checkpoints["t2v", "official"]), "--prompt", PROMPT, "--cache",
                  "magcache", "--device", "cpu", "--out", str(tmp_path / "v.mp4")]) == 2
     assert "magcache has no published ratios for tiny-t2v: calibrate them once" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="teacache has no published coefficients for tiny-t2v"):
+        wanrt.load(checkpoints["t2v", "official"], device="cpu", cache="teacache")  # before any weight is read
     bad = tmp_path / "bad"
     shutil.copytree(checkpoints["t2v", "official"], bad)
     (bad / "magcache.json").write_text(json.dumps({"ratios": [1.0, "x"]}))
