@@ -192,7 +192,10 @@ def main() -> None:
         if group == "options" and "diffusers" not in skip:
             report["rows"].append(diffusers_row(source, WanPipeline(source, dev), a.size, a.frame_num, 20, dev))
             print(report["rows"][-1], flush=True)
-        for label, options, request, rank, engine in ROWS[group]:
+        rows = ROWS[group]
+        if group == "lora" and "options" not in a.groups:  # its baseline, the options group's defaults row
+            rows = [("no LoRA", {}, {}, 0, None), *rows]
+        for label, options, request, rank, engine in rows:
             if label in skip:
                 continue
             src = source
