@@ -190,7 +190,10 @@ def main() -> None:
     prequantized = {}
     for group in a.groups.split(","):
         if group == "options" and "diffusers" not in skip:
-            report["rows"].append(diffusers_row(source, WanPipeline(source, dev), a.size, a.frame_num, 20, dev))
+            try:
+                report["rows"].append(diffusers_row(source, WanPipeline(source, dev), a.size, a.frame_num, 20, dev))
+            except (RuntimeError, ValueError, ImportError) as e:
+                report["rows"].append({"group": group, "label": "diffusers", "error": f"{type(e).__name__}: {e}"})
             print(report["rows"][-1], flush=True)
         rows = ROWS[group]
         if group == "lora" and "options" not in a.groups:  # its baseline, the options group's defaults row
@@ -198,36 +201,45 @@ def main() -> None:
         for label, options, request, rank, engine in rows:
             if label in skip:
                 continue
-            src = source
-            if engine:
-                src = prequantized.get(engine) or prequantized.setdefault(engine, Prequantized(source, engine, dev))
-            opts = RunOptions(**options, loras=(lora,) if rank else (), vram_budget=a.vram_budget)
-            pipe = WanPipeline(src, dev, options=opts)
-            pipe.block_copy = link
-            cap(dev, a.vram_budget)
-            steps = request.get("sample_steps", 20)
-            pipe.generate(PROMPT, size=a.size, frame_num=a.frame_num, base_seed=0, progress=False,
-                          **{**request, "sample_steps": 1 if "preset" not in request else None})  # warm-up
-            stats, outputs = timed_generation(pipe, a.size, a.frame_num, {"sample_steps": steps, **request}
-                                              if "preset" not in request else request, dev)
-            cap(dev, None)
-            row = {"group": group, "label": label, "options": options, "request": request, "lora_rank": rank,
-                   "engine": engine, "scheme": pipe.variant.dit.quant, "text_scheme": pipe.variant.text.quant,
-                   "attention": pipe.variant.dit.attention, "lora_side_rank": pipe.variant.dit.lora_rank, **stats}
-            if group == "steps50":
-                if not references.get(group):
-                    references[group] = outputs
-                else:
-                    ref = references[group]
-                    row["latent_rel_err_vs_uncached"] = round(rel_err(outputs["latents"], ref["latents"]), 4)
-                    row["psnr_vs_uncached_db"] = round(psnr(outputs["frames"], ref["frames"], 255.0), 2)
+            try:
+                row = {"group": group, "label": label, "options": options, "request": request, "lora_rank": rank,
+                       "engine": engine, **one_row(source, prequantized, options, request, rank, engine, lora, link, a,
+                                                   dev, references.get(group))}
+            except (RuntimeError, ValueError, ImportError) as e:  # one failed row (e.g. OOM) must not lose the rest
+                row = {"group": group, "label": label, "error": f"{type(e).__name__}: {e}"}
+            if group == "steps50" and group not in references and "outputs" in row:
+                references[group] = row["outputs"]
+            row.pop("outputs", None)
             report["rows"].append(row)
             print({k: v for k, v in row.items() if k != "phases"}, flush=True)
             write_report(report, a.out, markdown(report))
-            del pipe, outputs
             gc.collect()
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                cap(dev, None)
+                torch.cuda.empty_cache()
     write_report(report, a.out, markdown(report))
+
+
+def one_row(source, prequantized: dict, options: dict, request: dict, rank: int, engine: str | None, lora: str | None,
+            link, a, dev, reference: dict | None) -> dict:
+    """One pipeline with these options, warmed up by a one-step generation, then one timed generation; compared
+    with `reference` (the group's uncached outputs) when given. The outputs come back under "outputs"."""
+    src = source
+    if engine:
+        src = prequantized.get(engine) or prequantized.setdefault(engine, Prequantized(source, engine, dev))
+    pipe = WanPipeline(src, dev, options=RunOptions(**options, loras=(lora,) if rank else (), vram_budget=a.vram_budget))
+    pipe.block_copy = link
+    cap(dev, a.vram_budget)
+    timed = {"sample_steps": request.get("sample_steps", 20), **request} if "preset" not in request else request
+    pipe.generate(PROMPT, size=a.size, frame_num=a.frame_num, base_seed=0, progress=False,
+                  **{**request, "sample_steps": 1 if "preset" not in request else None})  # warm-up
+    stats, outputs = timed_generation(pipe, a.size, a.frame_num, timed, dev)
+    row = {"scheme": pipe.variant.dit.quant, "text_scheme": pipe.variant.text.quant,
+           "attention": pipe.variant.dit.attention, "lora_side_rank": pipe.variant.dit.lora_rank, **stats}
+    if reference is not None:
+        row["latent_rel_err_vs_uncached"] = round(rel_err(outputs["latents"], reference["latents"]), 4)
+        row["psnr_vs_uncached_db"] = round(psnr(outputs["frames"], reference["frames"], 255.0), 2)
+    return {**row, "outputs": outputs}
 
 
 def markdown(report: dict) -> str:
@@ -240,6 +252,9 @@ def markdown(report: dict) -> str:
              "| group | row | scheme / text / attention | LoRA side rank | DiT passes run | generate (s) | denoise (s) "
              "| peak reserved (GiB) | latent rel. err | PSNR (dB) |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['group']} | {r['label']} | failed: {r['error'][:200]} |")
+            continue
         cache = r.get("cache")
         passes = f"{cache['dit_passes_run']} of {cache['dit_passes']}" if cache else "all"
         lines.append(
