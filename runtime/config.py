@@ -37,7 +37,7 @@ class DiTConfig:
     eps: float = 1e-6
     image_dim: int = 1280  # CLIP feature width feeding img_emb (i2v only)
     image_tokens: int = 257
-    # How the blocks compute; an engine records both. They change speed and rounding, not the model.
+    # How the blocks compute (an engine records quant and attention). They change speed and rounding, not the model.
     quant: str = "bf16"  # scheme of the block linears: bf16, fp8, int8, w8a16 (quant/formats.py)
     attention: str = "sdpa"  # attention kernel: sdpa or a quantized mode of kernels/attention.py
     lora_rank: int = 0  # rank of a LoRA run beside quantized linears (runtime/lora.py side_factors); 0: none

@@ -181,10 +181,10 @@ def side_factors(loras: list[Lora], cfg: DiTConfig) -> tuple[list[Lora], dict[st
     for linear, terms in pairs.items():
         n, k = shapes[f"blocks.{terms[0][0]}.{linear}.weight"]
         per_block = [[t for t in terms if t[0] == i] for i in range(cfg.num_layers)]
-        rank = max(sum(d.shape[0] for _, d, _ in block) for block in per_block)
-        for i, block in enumerate(per_block):
-            down = torch.cat([d for _, d, _ in block] or [torch.zeros(0, k)])
-            up = torch.cat([u for _, _, u in block] or [torch.zeros(n, 0)], dim=1)
+        rank = max(sum(d.shape[0] for _, d, _ in mine) for mine in per_block)
+        for i, mine in enumerate(per_block):
+            down = torch.cat([d for _, d, _ in mine] or [torch.zeros(0, k)])
+            up = torch.cat([u for _, _, u in mine] or [torch.zeros(n, 0)], dim=1)
             tensors[f"blocks.{i}.{linear}.lora_down"] = F.pad(down, (0, 0, 0, rank - down.shape[0]))
             tensors[f"blocks.{i}.{linear}.lora_up"] = F.pad(up, (0, rank - up.shape[1]))
     return rest, tensors
