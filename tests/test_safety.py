@@ -76,7 +76,17 @@ def test_an_engine_is_replaced_only_with_overwrite_and_only_if_it_holds_nothing_
 
 
 # --- 2. replacing an engine is atomic; two writers are kept apart -----------------------------------------------------
-def test_an_interrupt_during_the_swap_waits_until_the_new_engine_is_in(checkpoints, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal, even when the suite was started with SIGINT ignored (a
+    background job: `make test &`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_during_the_swap_waits_until_the_new_engine_is_in(checkpoints, tmp_path, monkeypatch,
+                                                                       sigint_raises):
     out = export_engine(checkpoints["t2v", "official"], tmp_path / "engine", progress=False)
     real_rmtree = shutil.rmtree
 
@@ -184,7 +194,8 @@ def test_the_same_seed_gives_the_same_mp4_bytes(tmp_path):
 def _interrupt(args: list[str], cwd: Path, wait_for: str, sig: int) -> int:
     """Start `python -m wanrt.cli ARGS`, send `sig` once `wait_for` shows on its stdout, and return its exit code."""
     proc = subprocess.Popen([sys.executable, "-m", "wanrt.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # SIGINT as in a terminal, even from a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         if wait_for in line or time.monotonic() > deadline:
