@@ -6,7 +6,10 @@ Dialects (shared/reference/feature-gaps.md, section 2), each mapped to the offic
   musubi / kohya      lora_unet_blocks_0_self_attn_q.lora_down.weight, lora_up.weight, .alpha
   official names      [diffusion_model.]blocks.0.self_attn.q.lora_A.weight / lora_B.weight, or lora_down / lora_up
                       + .alpha (ComfyUI, diffusion-pipe, LightX2V, kijai); extras .diff (a full weight delta, e.g. of
-                      a norm), .diff_b (a bias delta), blocks.N.diff_m (a modulation delta)
+                      a norm), .diff_b (a bias delta), blocks.N.diff_m or blocks.N.modulation.diff (a modulation
+                      delta)
+  their other spellings raw PEFT (base_model.model. ... .lora_A.default.weight), DiffSynth (pipe.dit.), LyCORIS
+                      (lycoris_blocks_0_...), diffusers names without their transformer. prefix
 A low-rank pair adds strength * alpha / rank * (up @ down) to its linear's weight. Keys that map to nothing in the
 model are one error naming them, never dropped. Files are read with safetensors only.
 
@@ -55,8 +58,27 @@ def _linear_names(cfg: DiTConfig) -> dict[str, str]:
     return {name.replace(".", "_"): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+# Spellings of the same dialects by other tools (feature-gaps.md 2.1 "variants"): raw PEFT state dicts
+# (base_model.model. ... .default.), DiffSynth (pipe.dit.), LyCORIS's LoRA (lycoris_ for lora_unet_).
+_PREFIXES = ("base_model.model.", "pipe.dit.")
+_DIFFUSERS_MARKERS = ("attn1.", "attn2.", "ffn.net.", "condition_embedder.", "proj_out", "scale_shift_table")
+
+
+def _normalized(key: str) -> str:
+    for prefix in _PREFIXES:
+        key = key.removeprefix(prefix)
+    key = key.replace(".default.", ".").replace(".default_0.", ".")  # a PEFT adapter's name
+    if key.startswith("lycoris_"):
+        key = "lora_unet_" + key.removeprefix("lycoris_")
+    if not key.startswith(("transformer.", "lora_unet_", "diffusion_model.")) and any(
+            m in key for m in _DIFFUSERS_MARKERS):
+        key = "transformer." + key  # diffusers names without the pipeline's component prefix
+    return key
+
+
 def _official_module(key: str, musubi: dict[str, str]) -> tuple[str, str] | None:
     """A LoRA key -> (official module or parameter path, component), e.g. ('blocks.0.self_attn.q', 'lora_A.weight')."""
+    key = _normalized(key)
     for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_down.weight", "lora_up.weight", "alpha",
                    "diff_b", "diff_m", "diff"):
         if key.endswith("." + suffix):
@@ -109,7 +131,8 @@ def read_lora(spec: str, cfg: DiTConfig) -> Lora:
         for component, param, term_scale in (("lora_B.bias", "bias", scale), ("diff", "weight", 1.0),
                                              ("diff_b", "bias", 1.0), ("diff_m", "modulation", 1.0)):
             if component in p:  # PEFT scales lora_B's bias with its matrices; the full deltas are added as they are
-                deltas.setdefault(f"{module}.{param}", []).append((p[component], term_scale))
+                target = module if module.endswith("modulation") else f"{module}.{param}"  # KJ's modulation.diff
+                deltas.setdefault(target, []).append((p[component], term_scale))
     return Lora(path, strength, sha256(path), deltas)
 
 

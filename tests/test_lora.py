@@ -98,6 +98,38 @@ def test_each_dialect_merges_as_diffusers_does(checkpoints, tmp_path, dialect):
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("spelling", [
+    lambda i, n, c: f"base_model.model.blocks.{i}.{n}.{c.replace('.', '.default.')}",  # raw PEFT, official model
+    lambda i, n, c: f"pipe.dit.blocks.{i}.{n}.{c}",  # DiffSynth
+    lambda i, n, c: "blocks.{}.{}.{}".format(i, {"self_attn.q": "attn1.to_q", "ffn.0": "ffn.net.0.proj"}[n], c),
+    lambda i, n, c: f"lycoris_blocks_{i}_{n.replace('.', '_')}.{c.replace('_A', '_down').replace('_B', '_up')}",
+], ids=["raw PEFT", "DiffSynth", "diffusers without prefix", "LyCORIS"])
+def test_other_spellings_of_the_dialects_read_as_the_official_names(checkpoints, tmp_path, spelling):
+    cfg = open_checkpoint(checkpoints["t2v", "official"]).variant.dit
+    g = torch.Generator().manual_seed(4)
+    pairs = {(i, n): (torch.randn(RANK, cfg.dim, generator=g), torch.randn(cfg.ffn_dim if n == "ffn.0" else cfg.dim,
+                                                                        RANK, generator=g))
+             for i in range(cfg.num_layers) for n in ("self_attn.q", "ffn.0")}
+    official = {f"diffusion_model.blocks.{i}.{n}.lora_{ab}.weight": t for (i, n), (a, b) in pairs.items()
+                for ab, t in (("A", a), ("B", b))}
+    other = {spelling(i, n, f"lora_{ab}.weight"): t for (i, n), (a, b) in pairs.items()
+             for ab, t in (("A", a), ("B", b))}
+    save_file(official, tmp_path / "official.safetensors")
+    save_file(other, tmp_path / "other.safetensors")
+    want, got = (read_lora(str(tmp_path / f), cfg).deltas for f in ("official.safetensors", "other.safetensors"))
+    assert want.keys() == got.keys() and len(want) == 2 * cfg.num_layers
+    assert all(torch.equal(want[k][0][0], got[k][0][0]) and torch.equal(want[k][0][1], got[k][0][1]) for k in want)
+
+
+def test_a_modulation_delta_in_kijais_spelling(checkpoints, tmp_path):
+    cfg = open_checkpoint(checkpoints["t2v", "official"]).variant.dit
+    delta = torch.randn(1, 6, cfg.dim)
+    for name, key in (("m", "diffusion_model.blocks.1.diff_m"), ("kj", "diffusion_model.blocks.1.modulation.diff")):
+        save_file({key: delta}, tmp_path / f"{name}.safetensors")
+    a, b = (read_lora(str(tmp_path / f"{n}.safetensors"), cfg).deltas for n in ("m", "kj"))
+    assert list(a) == list(b) == ["blocks.1.modulation"] and torch.equal(a["blocks.1.modulation"][0][0], delta)
+
+
 def test_strength_and_several_loras_add_up(checkpoints, tmp_path):
     base = open_checkpoint(checkpoints["t2v", "official"])
     cfg = base.variant.dit
