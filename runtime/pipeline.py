@@ -181,6 +181,11 @@ class WanPipeline:
         if not specs:
             return state
         self.loras = [read_lora(spec, self.variant.dit) for spec in specs]
+        merged = {r["sha256"]: r for r in getattr(self.ckpt, "manifest", {}).get("loras", [])}
+        for lora in self.loras:
+            if lora.sha256 in merged:
+                warnings.warn(f"{lora.path.name} is already merged into this engine (at strength "
+                              f"{merged[lora.sha256]['strength']:g}); it is now added a second time", stacklevel=3)
         if self.ckpt.variant.dit.quant == "bf16":
             return merge_loras(state, self.loras)
         rest, side = side_factors(self.loras, self.variant.dit)

@@ -164,6 +164,8 @@ def test_generate_and_export_take_loras_with_the_same_flag(checkpoints, tmp_path
     engine = open_engine(tmp_path / "e")
     assert engine.manifest["loras"][0]["strength"] == 0.8 and len(engine.manifest["loras"][0]["sha256"]) == 64
     assert (wanrt.load(tmp_path / "e", device="cpu").generate(PROMPT, **kw).frames == merged).all()
+    with pytest.warns(UserWarning, match="already merged into this engine .at strength 0.8.; it is now added a second"):
+        wanrt.load(tmp_path / "e", device="cpu", loras=[str(file)])
 
 
 @pytest.mark.parametrize("scheme,bound", [("fp8", 4e-2), ("int8", 1e-2)])
