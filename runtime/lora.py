@@ -22,6 +22,7 @@ the quantized GEMM, runtime/dit.py `linear`), and only biases, norms and modulat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,12 @@ class Lora:
     deltas: dict[str, list[tuple]]  # official parameter name -> terms: (delta, scale) or (up, down, scale)
 
 
-def _linear_names(cfg: DiTConfig) -> dict[str, str]:
-    """musubi's flattened module names (blocks_0_self_attn_q) -> official (blocks.0.self_attn.q)."""
+@functools.lru_cache(maxsize=8)
+def _linears(cfg: DiTConfig) -> dict[str, tuple[int, int]]:
+    """Every linear of the DiT: official name (blocks.0.self_attn.q) -> weight shape (out, in)."""
     with torch.device("meta"):
         model = WanDiT(cfg)
-    return {name.replace(".", "_"): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 # Spellings of the same dialects by other tools (feature-gaps.md 2.1 "variants"): raw PEFT state dicts
@@ -105,7 +107,7 @@ def read_lora(spec: str, cfg: DiTConfig) -> Lora:
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraError(f"cannot read LoRA {path}: {e}") from None
     alpha_meta = _metadata_alpha(meta)
-    musubi = _linear_names(cfg)
+    musubi = {name.replace(".", "_"): name for name in _linears(cfg)}  # blocks_0_self_attn_q -> blocks.0.self_attn.q
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
@@ -176,10 +178,8 @@ def side_factors(loras: list[Lora], cfg: DiTConfig) -> tuple[list[Lora], dict[st
     along the rank into `blocks.N.<linear>.lora_down` [R, K] and `lora_up` [N, R] (strength and alpha / rank folded
     into up), in fp32. Every block gets the same linears at the same ranks, zero-padded (zero rows add nothing),
     because all blocks share one layout where they stream."""
-    with torch.device("meta"):
-        block = WanDiT(dataclasses.replace(cfg, num_layers=1)).blocks[0]  # every block has the same linears
-    linears = {n: tuple(m.weight.shape) for n, m in block.named_modules() if n in QUANTIZED_LINEARS}
-    shapes = {f"blocks.{i}.{n}.weight": s for i in range(cfg.num_layers) for n, s in linears.items()}
+    shapes = {f"{name}.weight": shape for name, shape in _linears(cfg).items()
+              if name.startswith("blocks.") and name.split(".", 2)[2] in QUANTIZED_LINEARS}
     pairs: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # linear -> (block, down, scaled up)
     rest = []
     for lora in loras:
