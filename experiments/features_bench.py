@@ -7,11 +7,13 @@ timed after a warm-up generation of its own pipeline (so no row pays for kernel 
            preset (4 steps, guidance 1)
   lora     20 steps: a rank-64 LoRA merged into bf16 weights (against the options group's defaults row), and run
            beside the blocks of an fp8 engine (the side path) against that engine without it
+  small    50 steps under a 1 GiB budget, uncached and with MagCache (at 1.3B its residuals then wait in host RAM)
 
-Cached and few-step rows report their final latents' relative error and their frames' PSNR against the uncached
-50-step row (random weights: a weak signal of fidelity, stated as such).
+Each row records its denoise plan. Cached and few-step rows report their final latents' relative error and their frames' PSNR against their group's
+uncached 50-step row (random weights: a weak signal of fidelity, stated as such).
 
-    python -m experiments.features_bench --variant t2v-1.3B --groups options,steps50,lora --out DIR/features_13b
+    python -m experiments.features_bench --variant t2v-1.3B --groups options,steps50 --out DIR/features_13b
+    python -m experiments.features_bench --variant t2v-1.3B --groups lora,small --skip diffusers --out DIR/lora_13b
     python -m experiments.features_bench --variant t2v-14B --groups steps50 --vram-budget 8GiB --link-gbps 23 \\
         --skip teacache,distill4 --out DIR/features_14b
 """
@@ -51,7 +53,10 @@ ROWS = {
     "lora": [("rank-64 LoRA merged", {}, {}, 64, None),
              ("fp8 engine, no LoRA", {}, {}, 0, "fp8"),
              ("fp8 engine, rank-64 LoRA as a side path", {}, {}, 64, "fp8")],
+    "small": [("50 steps, no cache, 1 GiB budget", {"vram_budget": "1GiB"}, {"sample_steps": 50}, 0, None),
+              ("magcache, 1 GiB budget", {"cache": "magcache", "vram_budget": "1GiB"}, {"sample_steps": 50}, 0, None)],
 }
+COMPARED = ("steps50", "small")  # groups whose rows are compared with their first (uncached) row
 
 
 class Prequantized:
@@ -120,9 +125,10 @@ def timed_generation(pipe: WanPipeline, size: str, frames: int, request: dict, d
     seconds = time.perf_counter() - start
     pipe._decode = decode
     peak = max((s["max_reserved"] for s in pipe.phase_stats.values()), default=0)
+    plan = pipe.phase_stats.get("denoise", {}).get("plan")
     stats = {"seconds": round(seconds, 3), "peak_reserved_gib": round(peak / GiB, 3),
              "phases": {n: {"seconds": round(s["seconds"], 3), "max_reserved_gib": round(s["max_reserved"] / GiB, 3)}
-                        for n, s in pipe.phase_stats.items()}}
+                        for n, s in pipe.phase_stats.items()}, "denoise_plan": plan}
     if pipe.step_schedule is not None:
         s = pipe.step_schedule
         stats["cache"] = {"method": s.method, "settings": s.settings, "dit_passes_run": s.computed,
@@ -207,7 +213,7 @@ def main() -> None:
                                                    dev, references.get(group))}
             except (RuntimeError, ValueError, ImportError) as e:  # one failed row (e.g. OOM) must not lose the rest
                 row = {"group": group, "label": label, "error": f"{type(e).__name__}: {e}"}
-            if group == "steps50" and group not in references and "outputs" in row:
+            if group in COMPARED and group not in references and "outputs" in row:
                 references[group] = row["outputs"]
             row.pop("outputs", None)
             report["rows"].append(row)
@@ -227,9 +233,10 @@ def one_row(source, prequantized: dict, options: dict, request: dict, rank: int,
     src = source
     if engine:
         src = prequantized.get(engine) or prequantized.setdefault(engine, Prequantized(source, engine, dev))
-    pipe = WanPipeline(src, dev, options=RunOptions(**options, loras=(lora,) if rank else (), vram_budget=a.vram_budget))
+    options = {"vram_budget": a.vram_budget, **options}
+    pipe = WanPipeline(src, dev, options=RunOptions(**options, loras=(lora,) if rank else ()))
     pipe.block_copy = link
-    cap(dev, a.vram_budget)
+    cap(dev, pipe.vram_budget if options["vram_budget"] else None)
     timed = {"sample_steps": request.get("sample_steps", 20), **request} if "preset" not in request else request
     pipe.generate(PROMPT, size=a.size, frame_num=a.frame_num, base_seed=0, progress=False,
                   **{**request, "sample_steps": 1 if "preset" not in request else None})  # warm-up
@@ -262,6 +269,8 @@ def markdown(report: dict) -> str:
             f"{r.get('attention', '-')} | {r.get('lora_side_rank', '-')} | {passes} | {r['seconds']:.2f} | "
             f"{r.get('phases', {}).get('denoise', {}).get('seconds', '-')} | {r['peak_reserved_gib']:.2f} | "
             f"{r.get('latent_rel_err_vs_uncached', '-')} | {r.get('psnr_vs_uncached_db', '-')} |")
+    lines += ["", "Denoise plans:", ""] + [f"- {r['label']}: {r['denoise_plan']}" for r in report["rows"]
+                                             if r.get("denoise_plan")]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 """Step caching: which denoising steps run the DiT's blocks, and which add the residual (x_out - x_in over all blocks)
-cached per branch from the last step that ran them (MagCache, TeaCache; shared/reference/feature-gaps.md section 3).
+cached per branch from the last step that ran them (MagCache, TeaCache; shared/reference/feature-gaps.md section 3),
+and where that residual is kept.
 
 For Wan2.1 both decide from numbers known before any GPU work: MagCache from per-step magnitude ratios published per
 model (or calibrated once for a model of our own), TeaCache from the time embeddings of the schedule's timesteps. So
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache_constants import MAG_RATIOS, TEACACHE_COEFFICIENTS
+from .dit import spans
 from .options import parse_cache
 
 RETENTION = 0.2  # MagCache: the first 20% of calls always run the blocks (the references' retention_ratio)
@@ -23,6 +25,7 @@ MAGCACHE_DEFAULTS = {"t2v-1.3B": (0.12, 4)}
 MAGCACHE_DEFAULT = (0.24, 6)
 TEACACHE_DEFAULTS = {"t2v-1.3B": 0.05, "t2v-14B": 0.10}
 TEACACHE_DEFAULT = 0.20
+HOST_CHUNK = 4096  # tokens of a residual kept in host RAM that are on the GPU at once
 
 
 @dataclass(frozen=True)
@@ -156,3 +159,37 @@ def step_schedule(spec: str | None, variant, size: str, steps: int, branches: in
 def magnitude_ratio(residual: torch.Tensor, previous: torch.Tensor) -> float:
     """MagCache's calibration statistic: the mean over tokens of ||r_t|| / ||r_(t-1)|| (norms over channels)."""
     return float((residual.norm(dim=-1) / previous.norm(dim=-1)).mean())
+
+
+class Residual:
+    """One branch's cached residual: what the blocks added to its residual stream the last time they ran. Kept on the
+    GPU, or where the plan says so (small budgets) in pinned host RAM, moved HOST_CHUNK tokens at a time: a skipped
+    step then reads it once, a computed step writes x_in and then x_out - x_in."""
+
+    def __init__(self, host: bool = False):
+        self.host = host
+        self.tensor: torch.Tensor | None = None
+
+    def start(self, x: torch.Tensor) -> None:
+        """Before the blocks run: keep x_in."""
+        if self.tensor is None:
+            self.tensor = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda) if self.host else torch.empty_like(x)
+        self.tensor.copy_(x)
+
+    def finish(self, x: torch.Tensor) -> None:
+        """After the blocks ran: x_in becomes x_out - x_in."""
+        if not self.host:
+            self.tensor.neg_().add_(x)
+            return
+        for s in spans(x.shape[1], HOST_CHUNK):
+            self.tensor[:, s].copy_(x[:, s] - self.tensor[:, s].to(x.device, non_blocking=True))
+
+    def add_to(self, x: torch.Tensor) -> torch.Tensor:
+        """A skipped step: x_in + the cached residual, in place."""
+        if self.tensor is None:
+            raise ValueError("a step cache cannot reuse a residual before the blocks have run once")
+        if not self.host:
+            return x.add_(self.tensor)
+        for s in spans(x.shape[1], HOST_CHUNK):
+            x[:, s].add_(self.tensor[:, s].to(x.device, non_blocking=True))
+        return x

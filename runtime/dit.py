@@ -331,16 +331,16 @@ class WanDiT(nn.Module):
     def denoise(self, x: torch.Tensor, time: tuple[torch.Tensor, torch.Tensor],
                 context: torch.Tensor | list[torch.Tensor], weights: Callable[[int], Weights] | None = None,
                 chunk: int | None = None, runs: tuple[bool, ...] | None = None,
-                residuals: list[torch.Tensor | None] | None = None) -> torch.Tensor | list[torch.Tensor]:
+                residuals: list | None = None) -> torch.Tensor | list[torch.Tensor]:
         """x [B, in_dim, F, H, W] latents; time: (e, e0) from `embed_time`; context from `embed_context`, or a list of
         them (the branches of classifier-free guidance): each block is then fetched once and run on every branch's
         residual stream in turn, exactly as separate calls would, and a list of velocities comes back.
         `weights(i)` supplies block i's tensors (default: this module's own; a streamer passes its GPU slots);
         `chunk` bounds the tokens processed at once. Returns the velocity [B, out_dim, F, H, W] in fp32.
 
-        Step caching (runtime/cache.py): `residuals` holds per branch what the blocks added to the residual stream the
-        last time they ran (x_out - x_in), updated here; a branch whose `runs` entry is False adds it instead of
-        running the blocks, and a step where no branch runs fetches no block."""
+        Step caching (runtime/cache.py): `residuals` holds per branch a `Residual`, what the blocks added to the
+        residual stream the last time they ran (x_out - x_in), updated here; a branch whose `runs` entry is False
+        adds it instead of running the blocks, and a step where no branch runs fetches no block."""
         cfg = self.cfg
         contexts = context if isinstance(context, list) else [context]
         weights = weights or self.block_weights
@@ -358,7 +358,7 @@ class WanDiT(nn.Module):
             raise ValueError("denoise: skipping branches (runs) needs their cached residuals")
         run = [b for b in range(len(streams)) if runs is None or runs[b]]
         for b in run if residuals is not None else ():  # x_in, made the residual below
-            residuals[b] = streams[b].clone() if residuals[b] is None else residuals[b].copy_(streams[b])
+            residuals[b].start(streams[b])
         rope = rope_tables(cfg.head_dim, grid, x.device)
         block = self.compiled_block if self.compiled_block and self.compiled_block.fits(x.shape[1], chunk) \
             else block_forward
@@ -368,11 +368,9 @@ class WanDiT(nn.Module):
                 streams[b] = block(streams[b], e0, contexts[b], rope, w, cfg, chunk)
         for b in range(len(streams) if residuals is not None else 0):
             if b in run:
-                residuals[b].neg_().add_(streams[b])
-            elif residuals[b] is None:
-                raise ValueError("a step cache cannot reuse a residual before the blocks have run once")
+                residuals[b].finish(streams[b])
             else:
-                streams[b] = streams[b].add_(residuals[b])
+                streams[b] = residuals[b].add_to(streams[b])
         shift, scale = (self.head.modulation.float() + e[:, None]).chunk(2, dim=1)
         head_w, head_b = self.head.head.weight.float(), self.head.head.bias.float()
         out = [unpatchify(torch.cat([F.linear(modulate(s[:, t], shift, scale, cfg.eps), head_w, head_b)

@@ -26,7 +26,7 @@ from .clip import CLIPVision, preprocess
 from .config import VARIANTS
 from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
-from .cache import check_cache, magnitude_ratio, step_schedule
+from .cache import Residual, check_cache, magnitude_ratio, step_schedule
 from .lora import merge_loras, read_lora, side_factors, side_rank
 from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
@@ -443,17 +443,15 @@ class WanPipeline:
         if self._calibration is not None:
             self._calibration.clear()
         cached = schedule is not None or self._calibration is not None
-        residuals = [None] * len(contexts) if cached else None
+        residuals = [Residual(phase.host_residuals) for _ in contexts] if cached else None
 
         def velocities(x, t, runs):
             if phase.shared is not False:
                 return self.dit.denoise(x, t, contexts, streamer, phase.chunk, runs, residuals)
             out = []
             for b, c in enumerate(contexts):  # one branch after the other, each with its own cached residual
-                mine = residuals[b : b + 1] if cached else None
-                out += self.dit.denoise(x, t, [c], streamer, phase.chunk, runs and runs[b : b + 1], mine)
-                if cached:
-                    residuals[b] = mine[0]
+                out += self.dit.denoise(x, t, [c], streamer, phase.chunk, runs and runs[b : b + 1],
+                                        residuals and residuals[b : b + 1])
             return out
 
         with self._streamer(self.dit_store, phase) as streamer, \
@@ -465,8 +463,8 @@ class WanPipeline:
                 v = velocities(x, t, schedule.runs[i] if schedule is not None else None)
                 if self._calibration is not None:  # MagCache's statistic, per branch, from the second step on
                     if previous is not None:
-                        self._calibration.append([magnitude_ratio(r, p) for r, p in zip(residuals, previous)])
-                    previous = [r.clone() for r in residuals]
+                        self._calibration.append([magnitude_ratio(r.tensor, p) for r, p in zip(residuals, previous)])
+                    previous = [r.tensor.clone() for r in residuals]
                 latents = solver.step(v[0] if len(v) == 1 else cfg(v[0], v[1], guide_scale), i, latents)
                 if callback is not None:
                     callback(i + 1, solver.steps)

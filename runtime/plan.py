@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_map_only
 
 from ..quant.formats import quantize_block, quantize_text_block
 from .clip import CLIPVision
+from .cache import HOST_CHUNK
 from .config import Variant
 from .dit import WanDiT, rope_tables
 from .stream import BlockLayout
@@ -172,6 +173,7 @@ class PhasePlan:
     chunk: int | None = None
     tile: tuple[int, int] | None = None
     shared: bool | None = None  # denoise with guidance: both branches run each block while it is on the GPU
+    host_residuals: bool = False  # denoise with a step cache: the cached residuals wait in pinned host RAM
 
     @property
     def peak_bytes(self) -> int:
@@ -188,6 +190,8 @@ class PhasePlan:
             parts.append(f"tokens per chunk {self.chunk or 'all'}")
             if self.shared is not None:
                 parts.append("CFG branches share each block" if self.shared else "one pass per CFG branch")
+            if self.host_residuals:
+                parts.append("cached residuals in pinned host RAM")
         if self.name == "text":
             parts.append("prompts encoded together" if self.chunk is None else "one prompt at a time")
         if self.name in ("decode", "encode"):
@@ -236,12 +240,15 @@ def stream_options(num_blocks: int, block_bytes: int) -> list[StreamPlan]:
         StreamPlan(num_blocks, block_bytes, r, s) for r in range(num_blocks) for s in SLOTS if s <= num_blocks - r]
 
 
-def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: dict) -> PhasePlan:
+def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: dict,
+               host_fixed: int | None = None) -> PhasePlan:
     """Pick the blocks' placement and the token chunk (keys of `activations`: a chunk, None = all tokens at once,
-    or for the guided denoise phase (chunk, shared)).
+    or for the guided denoise phase (chunk, shared)); with `host_fixed` (a step cache), also whether the cached
+    residuals wait in host RAM, the phase then holding `host_fixed` instead of `fixed`.
 
-    Preference: every block resident (then the branches run one after the other: no second residual stream); else
-    a ring of at least two slots, so copies overlap compute (one slot serialises them); then CFG branches sharing
+    Preference: copies that overlap compute (every block resident, or a ring of at least two slots: one slot
+    serialises them); then the cached residuals on the GPU (host RAM moves them each step); then every block
+    resident (then the branches run one after the other: no second residual stream); then CFG branches sharing
     each streamed block (half the copies); then larger chunks (fewer, larger kernels); then more resident blocks
     (less PCIe traffic, which the ring already hides); then a deeper ring (it only helps links slower than the
     compute)."""
@@ -250,12 +257,13 @@ def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | No
         b = c.blocks
         streamed = bool(b and b.streamed)
         unwanted_sharing = bool(c.shared) != streamed  # shared only pays when blocks stream
-        return (streamed, -min(b.slots, 2) if streamed else 0, unwanted_sharing, -(c.chunk or float("inf")),
+        return (streamed and b.slots < 2, c.host_residuals, streamed, unwanted_sharing, -(c.chunk or float("inf")),
                 -(b.resident if b else 0), -(b.slots if b else 0))
 
     keyed = {(k if isinstance(k, tuple) else (k, None)): act for k, act in activations.items()}
-    candidates = [PhasePlan(name, fixed, act, b, chunk, shared=shared)
-                  for b in (blocks or [None]) for (chunk, shared), act in keyed.items()]
+    held = {False: fixed} if host_fixed is None else {False: fixed, True: host_fixed}
+    candidates = [PhasePlan(name, held[host], act, b, chunk, shared=shared, host_residuals=host)
+                  for b in (blocks or [None]) for (chunk, shared), act in keyed.items() for host in held]
     return choose(sorted(candidates, key=key), budget)
 
 
@@ -290,6 +298,8 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     grid = (lat[0] // cfg.patch_size[0], lat[1] // cfg.patch_size[1], lat[2] // cfg.patch_size[2])
     rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
     fixed = shell + branches * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
+    # a step cache's residuals: a residual stream per branch on the GPU, or in host RAM two chunks of one in transit
+    on_host = fixed + 2 * min(tokens, HOST_CHUNK) * cfg.dim * 4 if cached else None
     fixed += branches * tokens * cfg.dim * 4 if cached else 0
     rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
     block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
@@ -301,7 +311,7 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
             block[f"{name}.lora_up"] = torch.empty(n, cfg.lora_rank, device="meta", dtype=dtype)
     acts = {(c, shared): trace_peak(model.denoise, x, time, [ctx] * (branches if shared else 1), lambda i: block, c)
             for c in CHUNKS if c is None or c < tokens for shared in ((False, True) if branches > 1 else (None,))}
-    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(block)), acts)
+    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(block)), acts, on_host)
 
 
 def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype, branches: int = 2) -> PhasePlan:

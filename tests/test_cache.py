@@ -11,11 +11,14 @@ import torch
 import wanrt
 from wanrt.cli import main
 from wanrt.export.engine import export_engine
-from wanrt.runtime.cache import RETENTION, TEACACHE_KEPT, constants_key, magcache_runs, teacache_runs
+from wanrt.runtime import cache
+from wanrt.runtime.cache import RETENTION, TEACACHE_KEPT, Residual, constants_key, magcache_runs, teacache_runs
 from wanrt.runtime.cache_constants import MAG_RATIOS, TEACACHE_COEFFICIENTS
 from wanrt.runtime.checkpoint import CheckpointError, open_checkpoint
+from wanrt.runtime.config import get_variant
 from wanrt.runtime.dit import WanDiT
 from wanrt.runtime.engine import open_engine
+from wanrt.runtime.plan import GiB, PlanError, make_plan
 from wanrt.runtime.sampler import make_solver
 
 from test_plan import smallest_plan
@@ -95,17 +98,23 @@ def test_teacache_schedule_is_the_reference_decision_loop(checkpoints, thresh):
             assert all(r[0] == r[1] for r in ours)
 
 
-def test_a_skipped_step_adds_the_cached_residual_and_fetches_no_block(checkpoints):
+@pytest.mark.parametrize("host", [False, True])
+def test_a_skipped_step_adds_the_cached_residual_and_fetches_no_block(checkpoints, monkeypatch, host):
+    """Kept on the device or in host RAM (moved in chunks of 5 of the 8 tokens here; pinned, on a GPU): the same
+    numbers."""
+    monkeypatch.setattr(cache, "HOST_CHUNK", 5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = open_checkpoint(checkpoints["t2v", "official"])
     dit = WanDiT(ckpt.variant.dit)
     dit.load_state_dict(ckpt.dit_state())
+    dit.to(dev)
     cfg = dit.cfg
     g = torch.Generator().manual_seed(0)
-    x, x2 = torch.randn(2, 1, cfg.in_dim, 2, 4, 4, generator=g)
-    ctx = [dit.embed_context(torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)) for _ in range(2)]
-    t = dit.embed_time(torch.tensor([700.0]))
+    x, x2 = torch.randn(2, 1, cfg.in_dim, 2, 4, 4, generator=g).to(dev)
+    ctx = [dit.embed_context(torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(dev)) for _ in range(2)]
+    t = dit.embed_time(torch.tensor([700.0], device=dev))
     plain = dit.denoise(x, t, ctx)
-    residuals = [None, None]
+    residuals = [Residual(host), Residual(host)]
     computed = dit.denoise(x, t, ctx, runs=(True, True), residuals=residuals)
     assert all(torch.equal(a, b) for a, b in zip(plain, computed))  # caching never changes a step that runs
 
@@ -121,6 +130,34 @@ def test_a_skipped_step_adds_the_cached_residual_and_fetches_no_block(checkpoint
     assert torch.equal(one[0], plain[0])
     with pytest.raises(ValueError, match="needs their cached residuals"):
         dit.denoise(x, t, ctx, runs=(False, True))
+    with pytest.raises(ValueError, match="before the blocks have run once"):
+        dit.denoise(x, t, ctx, runs=(True, False), residuals=[Residual(host), Residual(host)])
+    if host:  # the same steps with the residuals on the device give the same numbers
+        kept = [Residual(), Residual()]
+        dit.denoise(x, t, ctx, runs=(True, True), residuals=kept)
+        again = dit.denoise(x2, t, ctx, no_blocks, runs=(False, False), residuals=kept)
+        assert all(torch.equal(a, b) for a, b in zip(again, moved))
+
+
+def test_small_budgets_keep_the_cached_residuals_in_host_ram():
+    """14B 832*480 x 81: the residuals (1.34 GB for both branches) on the GPU while they fit; under 4 GiB they wait in
+    host RAM rather than serialise the block copies through one slot, and a cached run fits any budget an uncached
+    one fits plus two chunks in transit."""
+    v, lat = get_variant("t2v-14B"), (21, 60, 104)
+    roomy = make_plan(v, lat, 50, 8 * GiB, cached=True).phase("denoise")
+    tight = make_plan(v, lat, 50, 4 * GiB, cached=True).phase("denoise")
+    bare = make_plan(v, lat, 50, 4 * GiB).phase("denoise")
+    assert not roomy.host_residuals and tight.host_residuals and tight.blocks.slots >= 2
+    assert "cached residuals in pinned host RAM" in tight.describe()
+    assert (tight.chunk, tight.blocks, tight.shared) == (bare.chunk, bare.blocks, bare.shared)
+    transit = 2 * cache.HOST_CHUNK * v.dit.dim * 4
+    assert tight.fixed_bytes - bare.fixed_bytes == transit
+    needed = []
+    for cached in (False, True):
+        with pytest.raises(PlanError) as err:
+            make_plan(v, lat, 50, 1 * GiB, cached=cached)
+        needed.append(err.value.needed)
+    assert needed[1] - needed[0] <= transit * 16 / 15 + 1  # in budget terms (plan.usable keeps 1/16 free)
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +201,17 @@ def test_cached_generation_plans_the_residuals_and_reports_the_passes(calibrated
     assert kept.fixed_bytes - bare.fixed_bytes == 2 * lat[0] * lat[1] * lat[2] // 4 * cfg.dim * 4
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_caching_with_streamed_blocks_and_token_chunks_matches_resident(calibrated, monkeypatch, shared):
-    """Blocks streamed through one slot, tokens in chunks, the branches one after the other or sharing each block."""
+@pytest.mark.parametrize("shared,host", [(False, False), (True, False), (True, True)])
+def test_caching_with_streamed_blocks_and_token_chunks_matches_resident(calibrated, monkeypatch, shared, host):
+    """Blocks streamed through one slot, tokens in chunks, the branches one after the other or sharing each block,
+    the cached residuals on the device or in host RAM."""
+    monkeypatch.setattr(cache, "HOST_CHUNK", 40)
     kw = dict(size="64*64", frame_num=17, sample_steps=6, base_seed=2, progress=False)
     full = wanrt.load(calibrated, device="cpu", cache="magcache:0.5:2")
     lean = wanrt.load(calibrated, device="cpu", cache="magcache:0.5:2")
     plan = smallest_plan(lean, full.latent_shape("64*64", 17), 6)
     phases = {p.name: p for p in plan.phases}
-    phases["denoise"] = dataclasses.replace(phases["denoise"], chunk=32, shared=shared)
+    phases["denoise"] = dataclasses.replace(phases["denoise"], chunk=32, shared=shared, host_residuals=host)
     assert phases["denoise"].blocks.streamed
     monkeypatch.setattr(lean, "plan", lambda *a, **k: dataclasses.replace(plan, phases=tuple(phases.values())))
     a, b = full.generate(PROMPT, **kw).frames, lean.generate(PROMPT, **kw).frames
