@@ -198,7 +198,7 @@ class Bench:
             _, stats = measure(step, dev, a.warmup, a.runs)
         record("denoise_step", stats)
         self.progress(f"wanrt {row['setting']}: decode")
-        video, stats = measure(lambda: pipe._decode(plan.phase("decode"), x["latents"]), dev, a.warmup, a.runs)
+        video, stats = measure(lambda: pipe._decode(plan.phase("decode"), x["latents"]).cpu(), dev, a.warmup, a.runs)
         record("decode", stats)
         if budget is None and not self.reference and self.branches == 2:  # peers compare with the first resident row
             self.reference = {"context": contexts[0], "context_null": contexts[1], "video": video, "t": x["t"],

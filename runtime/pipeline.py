@@ -332,8 +332,8 @@ class WanPipeline:
         if not torch.isfinite(latents).all():  # one sync per video: never decode and write garbage
             raise GenerationError("the denoised latents hold NaN or inf values; nothing was written (a model or "
                                   "quantization problem: try --scheme bf16 or another attention mode)")
-        video = run("decode", self._decode, latents)
-        return Video(to_uint8_frames(video[0]), FPS, seed)
+        frames = run("decode", lambda phase, x: to_uint8_frames(self._decode(phase, x)[0]), latents)
+        return Video(frames, FPS, seed)
 
     def calibrate_cache(self, prompt: str, **request) -> list[float]:
         """MagCache's ratios for this model, from one generation (generate's keywords) as the reference calibrates:
@@ -471,14 +471,13 @@ class WanPipeline:
         return latents
 
     def _decode(self, phase: PhasePlan, latents: torch.Tensor) -> torch.Tensor:
-        """Into one video in host RAM (in the VAE dtype): tiled, each tile's frames are blended straight into a host
-        buffer (the planner then keeps no video on the GPU); untiled, on the GPU and copied once."""
+        """The video in the VAE dtype: tiled, each tile's frames are blended straight into a host buffer (the planner
+        then keeps no video on the GPU); untiled, left on the GPU."""
         out = None
         if phase.tile is not None:
             out = torch.empty(self.vae.decoded_shape(latents.shape), dtype=self.vae_dtype)
         with on_device([self.vae.decoder, self.vae.conv2], self.device, self.vae_dtype):
-            video = self.vae.decode(latents, tile=phase.tile, out=out)
-        return video.cpu()
+            return self.vae.decode(latents, tile=phase.tile, out=out)
 
 
 def _store(blocks: list[dict], dtype_of, ram: int):

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import wanrt
 from wanrt.cli import main
-from wanrt.runtime.video import read_mp4
+from wanrt.runtime.video import read_mp4, to_uint8_frames
 
 PROMPT = "a red circle moves right on a blue background"
 
@@ -45,6 +46,19 @@ def test_same_seed_same_frames(t2v):
     c = t2v.generate(PROMPT, base_seed=4, **kw).frames
     assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frames_convert_where_the_video_is_as_one_formula(dtype):
+    """Frame by frame on the video's device (the GPU where there is one): [-1, 1] to 0..255, rounded to nearest even,
+    out-of-range values clipped, [3, F, H, W] to [F, H, W, 3]."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    video = (torch.randn(3, 4, 6, 10, generator=torch.Generator().manual_seed(0)) * 0.7).to(dtype)
+    video[:, 0, 0, :4] = torch.tensor([-2.0, -1.0, 1.0, 3.0], dtype=dtype)
+    frames = to_uint8_frames(video.to(dev))
+    want = np.rint((np.clip(video.float().numpy(), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 3, 0)
+    assert frames.dtype == np.uint8 and frames.shape == (4, 6, 10, 3) and np.array_equal(frames, want)
+    assert frames[0, 0, :4, 0].tolist() == [0, 0, 255, 255]
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
