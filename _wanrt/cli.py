@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from wanrt.runtime.options import (ATTENTION_MODES, PRESETS, SCHEMES, SOLVERS, TEXT_SCHEMES, RunOptions,
-                                   parse_bytes)
+from wanrt.runtime.options import (ATTENTION_MODES, FEW_STEPS, PRESETS, SCHEMES, SOLVERS, TEXT_SCHEMES,
+                                   RunOptions, parse_bytes)
 
 def _size(text: str) -> int:
     try:
@@ -40,7 +40,8 @@ def add_cache_option(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--cache", metavar="none|magcache[:THRESH[:K]]|teacache[:THRESH]", help="step caching: steps "
                    "that reuse the DiT blocks' last residual, decided before any GPU work and shown by --plan "
                    f"({default}none; magcache alone takes the references' settings: 0.12:4 for T2V-1.3B, 0.24:6 "
-                   "for the 14B models; a model without published ratios needs `wanrt calibrate-cache` first)")
+                   "for the 14B models; a model without published ratios needs `wanrt calibrate-cache` first; runs "
+                   f"of {FEW_STEPS} steps or fewer, such as --preset distill4, ignore an engine's recorded cache)")
 
 
 def add_lora_option(p: argparse.ArgumentParser) -> None:

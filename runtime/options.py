@@ -72,6 +72,9 @@ def parse_lora(spec: str) -> tuple[Path, float]:
 
 CACHE_METHODS = ("none", "magcache", "teacache")  # runtime/cache.py
 MAX_CACHE_THRESH = {"magcache": 1.0, "teacache": 2.0}
+# Step-distilled models run 4-8 steps, each changing the latents a lot: the references' constants, made for 40-50
+# steps, would skip most of them. Such runs cache only when asked (runtime/pipeline.py).
+FEW_STEPS = 10
 
 
 def parse_cache(spec: str | None) -> tuple[str, float | None, int | None]:

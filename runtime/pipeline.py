@@ -28,7 +28,7 @@ from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
 from .cache import Residual, check_cache, magnitude_ratio, step_schedule
 from .lora import merge_loras, read_lora, side_factors, side_rank
-from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_size
+from .options import AUTO_ATTENTION, FEW_STEPS, Request, RunOptions, check_image, check_request, parse_size
 from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
@@ -147,6 +147,7 @@ class WanPipeline:
         self.loras = []  # the LoRAs applied at load (runtime/lora.py)
         recorded = getattr(ckpt, "manifest", {}).get("options", {})
         self.cache = options.cache if options.cache is not None else recorded.get("cache")  # runtime/cache.py
+        self._cache_asked = options.cache is not None  # not an engine's recorded default
         check_cache(self.cache, ckpt.variant)
         self.step_schedule = None  # the last generation's step cache schedule, if one ran
         self._calibration = None  # per-step magnitude ratios while calibrate_cache runs
@@ -272,11 +273,20 @@ class WanPipeline:
 
     def _step_schedule(self, req: Request, branches: int, timesteps: torch.Tensor):
         """The step cache's schedule for this request (runtime/cache.py), or None; TeaCache's needs the time
-        projections of the timesteps, from the DiT's host weights."""
+        projections of the timesteps, from the DiT's host weights. A few-step run (a distilled step list, or
+        FEW_STEPS steps or fewer) ignores an engine's recorded cache, and warns when the cache was asked for."""
         def time_projection():
             with torch.no_grad():
                 return self.dit.embed_time(timesteps.float())[1]
-        return step_schedule(self.cache, self.variant, req.size, req.sample_steps, branches, time_projection)
+        few = req.denoising_step_list is not None or req.sample_steps <= FEW_STEPS
+        if few and not self._cache_asked:
+            return None
+        schedule = step_schedule(self.cache, self.variant, req.size, req.sample_steps, branches, time_projection)
+        if few and schedule is not None:
+            warnings.warn(f"{schedule.method} on a {req.sample_steps}-step run computes {schedule.computed} of "
+                          f"{schedule.passes} DiT passes: its constants describe 40-50-step schedules, where steps "
+                          f"change the latents little (--cache none turns it off)", stacklevel=2)
+        return schedule
 
     def _guidance(self, req: Request) -> tuple[float, int]:
         """The guidance scale (the request's, else the model's) and the DiT passes per step it takes: 2 with

@@ -179,12 +179,25 @@ def test_calibration_is_stored_with_the_checkpoint_and_engines_record_it(calibra
     assert open_engine(engine).variant.mag_ratios == tuple(record["ratios"])
     pipe = wanrt.load(engine, device="cpu")
     assert pipe.cache == "magcache:0.3:3"
-    assert "magcache (threshold 0.3, K 3)" in pipe.describe_plan(size="32*32", frame_num=5, sample_steps=6)
+    assert "magcache (threshold 0.3, K 3)" in pipe.describe_plan(size="32*32", frame_num=5, sample_steps=12)
     assert wanrt.load(engine, device="cpu", cache="none").describe_plan(size="32*32").find("step cache") == -1
     assert main(["calibrate-cache", "--model", str(calibrated), "--device", "cpu"]) == 2
     assert main(["calibrate-cache", "--model", str(engine), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "pass --overwrite" in err and "calibrate the checkpoint, then export it" in err
+
+
+def test_few_step_runs_ignore_a_recorded_cache_and_warn_when_one_is_asked_for(calibrated, tmp_path):
+    engine = export_engine(calibrated, tmp_path / "e", progress=False, cache="magcache")
+    recorded, asked = wanrt.load(engine, device="cpu"), wanrt.load(engine, device="cpu", cache="magcache")
+    for steps in (12, 6):
+        assert ("step cache" in recorded.describe_plan(size="32*32", sample_steps=steps)) == (steps == 12)
+    for request in (dict(sample_steps=6), dict(preset="distill4", sample_steps=None)):
+        recorded.generate(PROMPT, **dict(KW, **request))
+        assert recorded.step_schedule is None
+        with pytest.warns(UserWarning, match=r"magcache on a [46]-step run computes \d+ of \d+ DiT passes"):
+            asked.generate(PROMPT, **dict(KW, **request))
+        assert asked.step_schedule is not None
 
 
 def test_cached_generation_plans_the_residuals_and_reports_the_passes(calibrated, capsys):
