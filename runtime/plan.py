@@ -283,8 +283,28 @@ def _block_bytes(block: dict[str, torch.Tensor]) -> int:
 def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int, dtype: torch.dtype,
                   branches: int = 2, cached: bool = False) -> PhasePlan:
     """The DiT over the schedule; with guidance, both branches (conditional, unconditional) run each block in turn
-    while it is on the GPU, each with its own residual stream (traced below). With a step cache, each branch keeps
-    the blocks' last residual, a residual stream's size, for the whole phase."""
+    while it is on the GPU, each with its own residual stream (traced). With a step cache, each branch keeps the
+    blocks' last residual, a residual stream's size, for the whole phase."""
+    cfg = v.dit
+    acts, block_bytes, shell = _denoise_traces(v, lat, dtype, branches)
+    ctx_len = cfg.text_len + (cfg.image_tokens if cfg.model_type == "i2v" else 0)
+    tokens = lat[0] * lat[1] * lat[2] // (cfg.patch_size[1] * cfg.patch_size[2])
+    latent = 4 * cfg.out_dim * lat[0] * lat[1] * lat[2]
+    rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
+    # the contexts, the schedule's time embeddings, the fp32 latents in, ~10 latent-sized fp32 tensors of the sampler
+    # and CFG
+    fixed = (shell + branches * ctx_len * cfg.dim * dtype.itemsize + steps * 7 * cfg.dim * 4 + 10 * latent
+             + 4 * cfg.in_dim * lat[0] * lat[1] * lat[2] + rope)
+    # a step cache's residuals: a residual stream per branch on the GPU, or in host RAM two chunks of one in transit
+    on_host = fixed + 2 * min(tokens, HOST_CHUNK) * cfg.dim * 4 if cached else None
+    fixed += branches * tokens * cfg.dim * 4 if cached else 0
+    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, block_bytes), acts, on_host)
+
+
+@functools.lru_cache(maxsize=16)
+def _denoise_traces(v: Variant, lat: tuple[int, int, int], dtype: torch.dtype, branches: int):
+    """The DiT's activation peaks per (token chunk, shared blocks), one block's bytes as stored and the resident
+    non-block weights' bytes: traced once per shape, whatever the budget and the step count."""
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
     shell = meta_bytes([*model.patch_embedding.parameters(), *model.head.parameters()])
@@ -292,16 +312,9 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
     x = torch.empty(1, cfg.in_dim, *lat, device="meta")
     ctx = torch.empty(1, ctx_len, cfg.dim, device="meta", dtype=dtype)
     time = (torch.empty(1, cfg.dim, device="meta"), torch.empty(1, 6, cfg.dim, device="meta"))
-    latent = 4 * cfg.out_dim * lat[0] * lat[1] * lat[2]
-    # the contexts, the schedule's time embeddings, and ~10 latent-sized fp32 tensors of the sampler and CFG
     tokens = lat[0] * lat[1] * lat[2] // (cfg.patch_size[1] * cfg.patch_size[2])
     grid = (lat[0] // cfg.patch_size[0], lat[1] // cfg.patch_size[1], lat[2] // cfg.patch_size[2])
-    rope = 2 * tokens * cfg.head_dim // 2 * 4  # cos and sin, cached on the device for the grid
-    fixed = shell + branches * meta_bytes([ctx]) + steps * 7 * cfg.dim * 4 + 10 * latent + meta_bytes([x]) + rope
-    # a step cache's residuals: a residual stream per branch on the GPU, or in host RAM two chunks of one in transit
-    on_host = fixed + 2 * min(tokens, HOST_CHUNK) * cfg.dim * 4 if cached else None
-    fixed += branches * tokens * cfg.dim * 4 if cached else 0
-    rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: counted above, never inside a trace
+    rope_tables(cfg.head_dim, grid, "meta")  # cached before tracing: priced in the phase's fixed bytes
     block = quantize_block(model.block_weights(0), cfg.quant)  # as an engine of that scheme stores it
     if cfg.lora_rank:  # a LoRA side path: a pair of factors of that rank beside every linear (the most it can be)
         linears = {k.removesuffix(".weight_scale"): t.shape[0] for k, t in block.items() if k.endswith("weight_scale")}
@@ -311,7 +324,7 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
             block[f"{name}.lora_up"] = torch.empty(n, cfg.lora_rank, device="meta", dtype=dtype)
     acts = {(c, shared): trace_peak(model.denoise, x, time, [ctx] * (branches if shared else 1), lambda i: block, c)
             for c in CHUNKS if c is None or c < tokens for shared in ((False, True) if branches > 1 else (None,))}
-    return best_phase("denoise", budget, fixed, stream_options(cfg.num_layers, _block_bytes(block)), acts, on_host)
+    return acts, _block_bytes(block), shell
 
 
 def embed_phase(v: Variant, steps: int, budget: int, dtype: torch.dtype, branches: int = 2) -> PhasePlan:
@@ -360,7 +373,13 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
               compute_dtype: torch.dtype = torch.float32) -> PhasePlan:
     """Tiled VAE decode (or encode, for I2V), weights and activations in `compute_dtype`. An untiled decode
     assembles the video on the GPU in that dtype (counted); a tiled one blends it into host RAM (the pipeline's
-    `_decode`). Encode reads its fp32 input video from the GPU.
+    `_decode`). Encode reads its fp32 input video from the GPU."""
+    return choose(_vae_candidates(name, v, lat, compute_dtype), budget)
+
+
+@functools.lru_cache(maxsize=16)
+def _vae_candidates(name: str, v: Variant, lat: tuple[int, int, int], compute_dtype: torch.dtype):
+    """Every tiling of the VAE phase in preference order, priced once per shape whatever the budget.
 
     Every tile runs the same code and the causal caches reach their steady size by the third latent frame, so two
     traced tiles of three latent frames give the activation bytes per latent pixel, which then price every tile
@@ -415,9 +434,8 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
                 acts[tile] = int(max(per_tile, whole) * VAE_ALLOCATOR_OVERHEAD)
     coverage = {t: _coverage(t, h, w) for t in acts}
     on_gpu = {t: video if name == "decode" and t is None else 0 for t in acts}
-    candidates = sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),
-                        key=lambda c: (coverage[c.tile], -c.activation_bytes))
-    return choose(candidates, budget)
+    return tuple(sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),
+                        key=lambda c: (coverage[c.tile], -c.activation_bytes)))
 
 
 def _fitted(tile: tuple[int, int], h: int, w: int) -> tuple[int, int]:
