@@ -81,9 +81,10 @@ def linear(x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w: Weights, name
         if down is None:
             return y
         # A LoRA beside quantized weights (runtime/lora.py side_factors): y += (x @ down^T) @ up^T, from the 16-bit
-        # activations (dequantized if a producer quantized them).
-        x = x.to(y.dtype) if x_scale is None else x.to(y.dtype) * x_scale.unsqueeze(-1).to(y.dtype)
-        low = F.linear(x, down.to(y.dtype)).flatten(0, -2)
+        # activations; quantized ones (exact in 16 bits) take their per-token scale after the rank-r product, so no
+        # dequantized copy of x is made.
+        low = F.linear(x.to(y.dtype), down.to(y.dtype))
+        low = (low if x_scale is None else low * x_scale.unsqueeze(-1).to(y.dtype)).flatten(0, -2)
         y = torch.addmm(y.flatten(0, -2), low, w[f"{name}.lora_up"].to(y.dtype).T).unflatten(0, x.shape[:-1])
         return torch.ops.aten.gelu_(y, approximate="tanh") if gelu else y
     y = F.linear(x.to(weight.dtype), weight, bias)
