@@ -8,8 +8,10 @@ timed after a warm-up generation of its own pipeline (so no row pays for kernel 
   lora     20 steps: a rank-64 LoRA merged into bf16 weights (against the options group's defaults row), and run
            beside the blocks of an fp8 engine (the side path) against that engine without it
   small    50 steps under a 1 GiB budget, uncached and with MagCache (at 1.3B its residuals then wait in host RAM)
+  peer     diffusers' resident WanPipeline again (after the other groups: this H100 slows under sustained load)
 
-Each row records its denoise plan. Cached and few-step rows report their final latents' relative error and their frames' PSNR against their group's
+Each row records its denoise plan and how long planning took (`--plan`: the traces are cached per shape, so only
+a row whose options change the model traces anew; the warm-up and the timed generation reuse them). Cached and few-step rows report their final latents' relative error and their frames' PSNR against their group's
 uncached 50-step row (random weights: a weak signal of fidelity, stated as such).
 
     python -m experiments.features_bench --variant t2v-1.3B --groups options,steps50 --out DIR/features_13b
@@ -55,6 +57,7 @@ ROWS = {
              ("fp8 engine, rank-64 LoRA as a side path", {}, {}, 64, "fp8")],
     "small": [("50 steps, no cache, 1 GiB budget", {"vram_budget": "1GiB"}, {"sample_steps": 50}, 0, None),
               ("magcache, 1 GiB budget", {"cache": "magcache", "vram_budget": "1GiB"}, {"sample_steps": 50}, 0, None)],
+    "peer": [],
 }
 COMPARED = ("steps50", "small")  # groups whose rows are compared with their first (uncached) row
 
@@ -161,7 +164,7 @@ def diffusers_row(source, pipe: WanPipeline, size: str, frames: int, steps: int,
     generate(contexts[0], contexts[1], w, h, frames, steps, 5.0)
     sync(dev)
     peak = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0
-    row = {"group": "options", "label": "diffusers WanPipeline, resident",
+    row = {"label": "diffusers WanPipeline, resident",
            "seconds": round(time.perf_counter() - start, 3), "peak_reserved_gib": round(peak / GiB, 3)}
     del model, vae, generate
     gc.collect()
@@ -182,6 +185,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     dev = torch.device(a.device)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dev == torch.device("cuda") else dev  # cap needs an index
     source = RandomSource(a.variant)
     link = LinkEmulator(a.link_gbps, dev) if a.link_gbps else None
     report = {"gpu": gpu_info() if dev.type == "cuda" else {"name": "cpu"}, "variant": a.variant, "size": a.size,
@@ -195,11 +199,12 @@ def main() -> None:
     lora = lora_file(source.variant, 64, Path("/tmp/wanrt-lora-r64.safetensors")) if "lora" in a.groups else None
     prequantized = {}
     for group in a.groups.split(","):
-        if group == "options" and "diffusers" not in skip:
+        if group in ("options", "peer") and "diffusers" not in skip:
             try:
-                report["rows"].append(diffusers_row(source, WanPipeline(source, dev), a.size, a.frame_num, 20, dev))
+                row = diffusers_row(source, WanPipeline(source, dev), a.size, a.frame_num, 20, dev)
             except (RuntimeError, ValueError, ImportError) as e:
-                report["rows"].append({"group": group, "label": "diffusers", "error": f"{type(e).__name__}: {e}"})
+                row = {"label": "diffusers", "error": f"{type(e).__name__}: {e}"}
+            report["rows"].append({**row, "group": group})
             print(report["rows"][-1], flush=True)
         rows = ROWS[group]
         if group == "lora" and "options" not in a.groups:  # its baseline, the options group's defaults row
@@ -238,11 +243,15 @@ def one_row(source, prequantized: dict, options: dict, request: dict, rank: int,
     pipe.block_copy = link
     cap(dev, pipe.vram_budget if options["vram_budget"] else None)
     timed = {"sample_steps": request.get("sample_steps", 20), **request} if "preset" not in request else request
+    start = time.perf_counter()
+    pipe.describe_plan(size=a.size, frame_num=a.frame_num, **timed)
+    plan_seconds = round(time.perf_counter() - start, 3)
     pipe.generate(PROMPT, size=a.size, frame_num=a.frame_num, base_seed=0, progress=False,
                   **{**request, "sample_steps": 1 if "preset" not in request else None})  # warm-up
     stats, outputs = timed_generation(pipe, a.size, a.frame_num, timed, dev)
     row = {"scheme": pipe.variant.dit.quant, "text_scheme": pipe.variant.text.quant,
-           "attention": pipe.variant.dit.attention, "lora_side_rank": pipe.variant.dit.lora_rank, **stats}
+           "attention": pipe.variant.dit.attention, "lora_side_rank": pipe.variant.dit.lora_rank,
+           "plan_seconds": plan_seconds, **stats}
     if reference is not None:
         row["latent_rel_err_vs_uncached"] = round(rel_err(outputs["latents"], reference["latents"]), 4)
         row["psnr_vs_uncached_db"] = round(psnr(outputs["frames"], reference["frames"], 255.0), 2)
@@ -256,8 +265,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Run options, whole generations: {report['variant']} {report['size']} x {report['frame_num']} "
              f"({gpu.get('name', gpu)})", "", f"`{report['command']}`; random weights; VRAM budget "
              f"{budget}; host link {link}.", "",
-             "| group | row | scheme / text / attention | LoRA side rank | DiT passes run | generate (s) | denoise (s) "
-             "| peak reserved (GiB) | latent rel. err | PSNR (dB) |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| group | row | scheme / text / attention | LoRA side rank | DiT passes run | plan (s) | generate (s) | "
+             "denoise (s) | peak reserved (GiB) | latent rel. err | PSNR (dB) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         if "error" in r:
             lines.append(f"| {r['group']} | {r['label']} | failed: {r['error'][:200]} |")
@@ -266,7 +276,8 @@ def markdown(report: dict) -> str:
         passes = f"{cache['dit_passes_run']} of {cache['dit_passes']}" if cache else "all"
         lines.append(
             f"| {r['group']} | {r['label']} | {r.get('scheme', '-')} / {r.get('text_scheme', '-')} / "
-            f"{r.get('attention', '-')} | {r.get('lora_side_rank', '-')} | {passes} | {r['seconds']:.2f} | "
+            f"{r.get('attention', '-')} | {r.get('lora_side_rank', '-')} | {passes} | {r.get('plan_seconds', '-')} | "
+            f"{r['seconds']:.2f} | "
             f"{r.get('phases', {}).get('denoise', {}).get('seconds', '-')} | {r['peak_reserved_gib']:.2f} | "
             f"{r.get('latent_rel_err_vs_uncached', '-')} | {r.get('psnr_vs_uncached_db', '-')} |")
     lines += ["", "Denoise plans:", ""] + [f"- {r['label']}: {r['denoise_plan']}" for r in report["rows"]
