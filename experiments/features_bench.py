@@ -187,7 +187,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     dev = torch.device(a.device)
-    dev = torch.device("cuda", torch.cuda.current_device()) if dev == torch.device("cuda") else dev  # cap needs an index
+    if dev == torch.device("cuda"):  # the memory cap needs an index
+        dev = torch.device("cuda", torch.cuda.current_device())
     source = RandomSource(a.variant)
     link = LinkEmulator(a.link_gbps, dev) if a.link_gbps else None
     report = {"gpu": gpu_info() if dev.type == "cuda" else {"name": "cpu"}, "variant": a.variant, "size": a.size,

@@ -172,8 +172,10 @@ class Residual:
 
     def start(self, x: torch.Tensor) -> None:
         """Before the blocks run: keep x_in."""
-        if self.tensor is None:
-            self.tensor = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda) if self.host else torch.empty_like(x)
+        if self.tensor is None and self.host:
+            self.tensor = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        elif self.tensor is None:
+            self.tensor = torch.empty_like(x)
         self.tensor.copy_(x)
 
     def finish(self, x: torch.Tensor) -> None:
