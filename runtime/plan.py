@@ -9,7 +9,8 @@ own code runs once on the meta device under a dispatch mode that adds up every t
 
 Preference order (DESIGN.md lists resident blocks first; measurements put overlap and chunk size first, because the
 ring hides the copies and small chunks cost time): every block resident; a ring of at least two slots; larger token
-chunks; more resident blocks; a deeper ring. VAE tiles: the least recomputed overlap, then the larger tile.
+chunks; more resident blocks; a deeper ring. The encoders, which read each block once, prefer a ring of two slots.
+VAE tiles: the least recomputed overlap, then the larger tile.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import dataclasses
 import functools
 import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,7 @@ def usable(budget: int) -> int:
 # 1.21-1.25x its max allocated (the DiT's: 1.01-1.02x). Its phases are priced at what the allocator will reserve.
 VAE_ALLOCATOR_OVERHEAD = 1.2
 CHUNKS = (None, 16384, 8192, 4096, 2048)  # tokens per chunk, largest first (None: all at once)
+ONE_PASS = ("text", "clip")  # phases that read each block once per generation
 SLOTS = (4, 3, 2, 1)  # ring depth, deepest first
 
 
@@ -217,14 +220,35 @@ class Plan:
         return "\n".join(lines + ["  " + p.describe() for p in self.phases])
 
 
-def choose(candidates, budget: int) -> PhasePlan:
-    """The first candidate (they come in preference order) that fits; else PlanError naming the minimum."""
+def choose(candidates, budget: int, price=lambda plan: plan) -> PhasePlan:
+    """The first candidate (they come in preference order) that fits, each priced by `price` only when reached; else
+    PlanError naming the minimum."""
     candidates = list(candidates)
-    for plan in candidates:
+    for candidate in candidates:
+        plan = price(candidate)
         if plan.peak_bytes <= usable(budget):
             return plan
-    smallest = min(candidates, key=lambda p: p.peak_bytes)
+    smallest = min(map(price, candidates), key=lambda p: p.peak_bytes)
     raise PlanError(f"[{smallest.describe()}]", needed=budget_for(smallest.peak_bytes))
+
+
+class LazyPeaks(Mapping):
+    """Activation peaks by key, each traced (`trace(key)`) when first read: the planner reads them in preference
+    order and stops at the first plan that fits, so a roomy budget traces one candidate."""
+
+    def __init__(self, keys, trace):
+        self._keys, self._trace, self._peaks = tuple(keys), trace, {}
+
+    def __getitem__(self, key) -> int:
+        if key not in self._peaks:
+            self._peaks[key] = self._trace(key)
+        return self._peaks[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def budget_for(peak: int) -> int:
@@ -240,18 +264,23 @@ def stream_options(num_blocks: int, block_bytes: int) -> list[StreamPlan]:
         StreamPlan(num_blocks, block_bytes, r, s) for r in range(num_blocks) for s in SLOTS if s <= num_blocks - r]
 
 
-def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: dict,
+def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | None, activations: Mapping,
                host_fixed: int | None = None) -> PhasePlan:
     """Pick the blocks' placement and the token chunk (keys of `activations`: a chunk, None = all tokens at once,
     or for the guided denoise phase (chunk, shared)); with `host_fixed` (a step cache), also whether the cached
-    residuals wait in host RAM, the phase then holding `host_fixed` instead of `fixed`.
+    residuals wait in host RAM, the phase then holding `host_fixed` instead of `fixed`. Activations are read only
+    for the candidates reached (`LazyPeaks`).
 
     Preference: copies that overlap compute (every block resident, or a ring of at least two slots: one slot
     serialises them); then the cached residuals on the GPU (host RAM moves them each step); then every block
     resident (then the branches run one after the other: no second residual stream); then CFG branches sharing
     each streamed block (half the copies); then larger chunks (fewer, larger kernels); then more resident blocks
     (less PCIe traffic, which the ring already hides); then a deeper ring (it only helps links slower than the
-    compute)."""
+    compute).
+
+    The encoders (ONE_PASS) read each block once per generation: keeping blocks resident saves no copy there, it
+    only copies them all before the first computes. So they prefer the prompts together (one pass), then the fewest
+    block bytes on the GPU that still overlap copies with compute: a ring of two slots."""
 
     def key(c: PhasePlan):
         b = c.blocks
@@ -260,11 +289,15 @@ def best_phase(name: str, budget: int, fixed: int, blocks: list[StreamPlan] | No
         return (streamed and b.slots < 2, c.host_residuals, streamed, unwanted_sharing, -(c.chunk or float("inf")),
                 -(b.resident if b else 0), -(b.slots if b else 0))
 
-    keyed = {(k if isinstance(k, tuple) else (k, None)): act for k, act in activations.items()}
+    def one_pass_key(c: PhasePlan):
+        return c.blocks.streamed and c.blocks.slots < 2, c.chunk is not None, c.blocks.weight_bytes
+
+    keys = {(k if isinstance(k, tuple) else (k, None)): k for k in activations}
     held = {False: fixed} if host_fixed is None else {False: fixed, True: host_fixed}
-    candidates = [PhasePlan(name, held[host], act, b, chunk, shared=shared, host_residuals=host)
-                  for b in (blocks or [None]) for (chunk, shared), act in keyed.items() for host in held]
-    return choose(sorted(candidates, key=key), budget)
+    candidates = [PhasePlan(name, held[host], 0, b, chunk, shared=shared, host_residuals=host)
+                  for b in (blocks or [None]) for chunk, shared in keys for host in held]
+    return choose(sorted(candidates, key=one_pass_key if name in ONE_PASS else key), budget,
+                  lambda c: dataclasses.replace(c, activation_bytes=activations[keys[c.chunk, c.shared]]))
 
 
 # ------------------------------------------------------------------------------------------------ model phases
@@ -304,7 +337,7 @@ def denoise_phase(v: Variant, lat: tuple[int, int, int], steps: int, budget: int
 @functools.lru_cache(maxsize=16)
 def _denoise_traces(v: Variant, lat: tuple[int, int, int], dtype: torch.dtype, branches: int):
     """The DiT's activation peaks per (token chunk, shared blocks), one block's bytes as stored and the resident
-    non-block weights' bytes: traced once per shape, whatever the budget and the step count."""
+    non-block weights' bytes: traced at most once per shape, whatever the budget and the step count."""
     cfg = v.dit
     model = _one_block_model(WanDiT, cfg, dtype)
     shell = meta_bytes([*model.patch_embedding.parameters(), *model.head.parameters()])
@@ -322,8 +355,10 @@ def _denoise_traces(v: Variant, lat: tuple[int, int, int], dtype: torch.dtype, b
             k = model.blocks[0].get_submodule(name).in_features
             block[f"{name}.lora_down"] = torch.empty(cfg.lora_rank, k, device="meta", dtype=dtype)
             block[f"{name}.lora_up"] = torch.empty(n, cfg.lora_rank, device="meta", dtype=dtype)
-    acts = {(c, shared): trace_peak(model.denoise, x, time, [ctx] * (branches if shared else 1), lambda i: block, c)
-            for c in CHUNKS if c is None or c < tokens for shared in ((False, True) if branches > 1 else (None,))}
+    keys = [(c, shared) for c in CHUNKS if c is None or c < tokens
+            for shared in ((False, True) if branches > 1 else (None,))]
+    acts = LazyPeaks(keys, lambda key: trace_peak(model.denoise, x, time, [ctx] * (branches if key[1] else 1),
+                                                  lambda i: block, key[0]))
     return acts, _block_bytes(block), shell
 
 
@@ -350,10 +385,12 @@ def text_phase(v: Variant, budget: int, dtype: torch.dtype, branches: int = 2) -
     cfg = v.text
     model = _one_block_model(UMT5Encoder, cfg, dtype)
     block = quantize_text_block(model.block_weights(0), cfg.quant)
-    acts = {}
-    for chunk, batch in ((None, branches), (1, 1))[: branches]:
-        ids = torch.empty(batch, cfg.text_len, dtype=torch.long, device="meta")
-        acts[chunk] = trace_peak(model.forward, ids, torch.empty_like(ids), lambda i: block)
+
+    def trace(chunk):  # the prompts together, or one at a time
+        ids = torch.empty(branches if chunk is None else 1, cfg.text_len, dtype=torch.long, device="meta")
+        return trace_peak(model.forward, ids, torch.empty_like(ids), lambda i: block)
+
+    acts = LazyPeaks((None, 1)[:branches], trace)
     return best_phase("text", budget, meta_bytes([model.norm.weight]), stream_options(cfg.num_layers,
                       _block_bytes(block)), acts)
 
@@ -374,12 +411,14 @@ def vae_phase(name: str, v: Variant, lat: tuple[int, int, int], budget: int,
     """Tiled VAE decode (or encode, for I2V), weights and activations in `compute_dtype`. An untiled decode
     assembles the video on the GPU in that dtype (counted); a tiled one blends it into host RAM (the pipeline's
     `_decode`). Encode reads its fp32 input video from the GPU."""
-    return choose(_vae_candidates(name, v, lat, compute_dtype), budget)
+    candidates, activations = _vae_candidates(name, v, lat, compute_dtype)
+    return choose(candidates, budget, lambda c: dataclasses.replace(c, activation_bytes=activations[c.tile]))
 
 
 @functools.lru_cache(maxsize=16)
 def _vae_candidates(name: str, v: Variant, lat: tuple[int, int, int], compute_dtype: torch.dtype):
-    """Every tiling of the VAE phase in preference order, priced once per shape whatever the budget.
+    """Every tiling of the VAE phase in preference order, and their activations (traced when first read, once per
+    shape whatever the budget).
 
     Every tile runs the same code and the causal caches reach their steady size by the third latent frame, so two
     traced tiles of three latent frames give the activation bytes per latent pixel, which then price every tile
@@ -421,21 +460,25 @@ def _vae_candidates(name: str, v: Variant, lat: tuple[int, int, int], compute_dt
         return trace_peak(run, x)
 
     h, w = lat[1], lat[2]
-    small, large = (min(8, h), min(8, w)), (h, w)
-    a, b = traced(*small), traced(*large)
-    per_px = max(b - a, 0) / max(h * w - small[0] * small[1], 1)
-    whole = whole_frame()
-    acts = {None: int(b * VAE_ALLOCATOR_OVERHEAD)}
-    for th in range(16, h + 1, 2):
-        for tw in range(16, w + 1, 2):
-            tile = _fitted((th, tw), h, w)
-            if tile not in acts and tile != (h, w):
-                per_tile = a + per_px * (tile[0] * tile[1] - small[0] * small[1])
-                acts[tile] = int(max(per_tile, whole) * VAE_ALLOCATOR_OVERHEAD)
-    coverage = {t: _coverage(t, h, w) for t in acts}
-    on_gpu = {t: video if name == "decode" and t is None else 0 for t in acts}
-    return tuple(sorted((PhasePlan(name, fixed + on_gpu[t], act, None, None, t) for t, act in acts.items()),
-                        key=lambda c: (coverage[c.tile], -c.activation_bytes)))
+    small = (min(8, h), min(8, w))
+    traced, whole_frame = functools.cache(traced), functools.cache(whole_frame)
+
+    def activation(tile) -> int:
+        """Untiled: the whole frame, traced; a tile: priced per latent pixel between a small and the whole frame."""
+        b = traced(h, w)
+        if tile is None:
+            return int(b * VAE_ALLOCATOR_OVERHEAD)
+        a = traced(*small)
+        per_px = max(b - a, 0) / max(h * w - small[0] * small[1], 1)
+        per_tile = a + per_px * (tile[0] * tile[1] - small[0] * small[1])
+        return int(max(per_tile, whole_frame()) * VAE_ALLOCATOR_OVERHEAD)
+
+    fitted = (_fitted((th, tw), h, w) for th in range(16, h + 1, 2) for tw in range(16, w + 1, 2))
+    tiles = [None, *dict.fromkeys(t for t in fitted if t != (h, w))]
+    candidates = sorted((PhasePlan(name, fixed + (video if name == "decode" and t is None else 0), 0, None, None, t)
+                         for t in tiles),
+                        key=lambda c: (_coverage(c.tile, h, w), -(c.tile[0] * c.tile[1] if c.tile else h * w)))
+    return tuple(candidates), LazyPeaks(tiles, activation)
 
 
 def _fitted(tile: tuple[int, int], h: int, w: int) -> tuple[int, int]:

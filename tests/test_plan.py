@@ -8,6 +8,7 @@ import torch
 
 import wanrt
 from wanrt.runtime.config import get_variant
+from wanrt.runtime import plan as planner
 from wanrt.runtime.plan import WORKSPACE, Plan, PlanError, make_plan, plan_phase, trace_peak
 
 LAT = (5, 8, 8)  # tiny: 17 frames at 64x64
@@ -45,6 +46,37 @@ def test_plan_arithmetic_and_preferences():
     assert s.blocks.streamed and s.blocks.slots >= 2 and s.peak_bytes <= 2**30
     assert small.phase("decode").tile is not None and small.peak_bytes <= 2**30
     assert s.activation_bytes < d.activation_bytes
+
+
+def test_the_encoders_stream_their_blocks_even_when_all_would_fit():
+    """umT5 and CLIP read each block once per generation: holding them all resident saves no copy and only raises the
+    peak (umT5-XXL's blocks are 8.6 GiB in bf16), so they go through a ring of two slots, prompts together."""
+    plan = make_plan(get_variant("i2v-14B"), (21, 60, 104), 40, 70 * 2**30)
+    for name in ("text", "clip"):
+        p = plan.phase(name)
+        assert (p.blocks.resident, p.blocks.slots, p.chunk) == (0, 2, None)
+    assert not plan.phase("denoise").blocks.streamed  # the DiT reads its blocks every step: resident when they fit
+    assert plan.phase("text").peak_bytes < 2 * 2**30
+
+
+def test_candidates_are_traced_only_when_reached(monkeypatch):
+    """A roomy budget traces one candidate per phase (the first in preference order fits); a refusal, which names the
+    smallest plan, traces every one, each once per shape whatever the steps and the budget."""
+    traced = []
+
+    def counted(fn, *args, **kwargs):
+        traced.append(fn.__name__)
+        return trace_peak(fn, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "trace_peak", counted)
+    v, lat = get_variant("t2v-1.3B"), (3, 18, 20)  # a shape no other test plans: its traces are not cached yet
+    make_plan(v, lat, 7, 70 * 2**30)
+    assert [traced.count(n) for n in ("denoise", "forward", "decode", "run")] == [1, 1, 1, 0]
+    traced.clear()
+    with pytest.raises(PlanError):
+        make_plan(v, lat, 9, 2**20)
+    # the other (chunk, shared) of the DiT, the text encoder's one prompt at a time, a small tile and the whole frame
+    assert [traced.count(n) for n in ("denoise", "forward", "decode", "run")] == [1, 2, 1, 1]
 
 
 def test_refusal_names_a_budget_that_fits():
