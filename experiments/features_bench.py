@@ -137,7 +137,7 @@ def timed_generation(pipe: WanPipeline, size: str, frames: int, request: dict, d
     if pipe.step_schedule is not None:
         s = pipe.step_schedule
         stats["cache"] = {"method": s.method, "settings": s.settings, "dit_passes_run": s.computed,
-                          "dit_passes": s.passes, "steps": "".join("R" if any(r) else "." for r in s.runs)}
+                          "dit_passes": s.passes, "steps": s.step_map}
     return stats, {"latents": kept["latents"], "frames": torch.from_numpy(video.frames).float()}
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .cache_constants import MAG_RATIOS, TEACACHE_COEFFICIENTS
 from .dit import spans
-from .options import parse_cache
+from .options import parse_cache, parse_size
 
 RETENTION = 0.2  # MagCache: the first 20% of calls always run the blocks (the references' retention_ratio)
 TEACACHE_KEPT = 5  # TeaCache in its retention-steps mode: the first 5 steps always run
@@ -44,11 +44,20 @@ class StepSchedule:
     def passes(self) -> int:
         return sum(map(len, self.runs))
 
+    @property
+    def step_map(self) -> str:
+        """A character per step: R where a branch runs the blocks, . where every branch reuses its residual."""
+        return "".join("R" if any(r) else "." for r in self.runs)
+
+    def summary(self, ran: bool = True) -> str:
+        """How many DiT passes run the blocks (after the run: ran) and how many reuse the cached residual."""
+        runs, reuses = ("ran", "reused") if ran else ("run", "reuse")
+        skipped = self.passes - self.computed
+        return f"{self.computed} of {self.passes} DiT passes {runs} the blocks, {skipped} {reuses} the cached residual"
+
     def describe(self) -> str:
-        steps = "".join("R" if any(r) else "." for r in self.runs)
-        return (f"step cache: {self.method} {self.settings}: {self.computed} of {self.passes} DiT passes run the "
-                f"blocks, {self.passes - self.computed} reuse the cached residual\n"
-                f"    steps (R runs, . reuses): {steps}")
+        return (f"step cache: {self.method} {self.settings}: {self.summary(ran=False)}\n"
+                f"    steps (R runs, . reuses): {self.step_map}")
 
 
 def constants_key(variant_name: str, size: str) -> str:
@@ -56,7 +65,7 @@ def constants_key(variant_name: str, size: str) -> str:
     apart here by the size generated, as users pair them."""
     if variant_name != "i2v-14B":
         return variant_name
-    w, h = (int(s) for s in size.split("*"))
+    w, h = parse_size(size)
     return "i2v-14B-720P" if w * h >= 1280 * 720 else "i2v-14B-480P"
 
 

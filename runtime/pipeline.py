@@ -335,9 +335,7 @@ class WanPipeline:
         latents = run("denoise", self._denoise, latents, cond, contexts, temb, solver, guide, progress, callback,
                       schedule)
         if progress and schedule is not None:
-            print(f"denoise: {schedule.computed} of {schedule.passes} DiT passes ran the blocks, "
-                  f"{schedule.passes - schedule.computed} reused the cached residual ({schedule.method} "
-                  f"{schedule.settings})", flush=True)
+            print(f"denoise: {schedule.summary()} ({schedule.method} {schedule.settings})", flush=True)
         del contexts, temb, cond
         if not torch.isfinite(latents).all():  # one sync per video: never decode and write garbage
             raise GenerationError("the denoised latents hold NaN or inf values; nothing was written (a model or "
