@@ -65,9 +65,10 @@ def time_it(fn, warmup: int = 1, runs: int = 3) -> dict:
             "max_ms": round(max(times), 2), "runs": runs}
 
 
-def random_like(t: torch.Tensor, name: str, device: str = "cuda") -> torch.Tensor:
+def random_like(t: torch.Tensor, name: str, device: str = "cuda",
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Random values of a trained-looking scale for a parameter of this name and shape (generated on the GPU)."""
-    x = torch.randn(t.shape, device=device, dtype=torch.float32)
+    x = torch.randn(t.shape, device=device, dtype=torch.float32, generator=generator)
     if t.ndim >= 2:
         x *= 1 / math.sqrt(math.prod(t.shape[1:]))
     elif name.endswith(("norm.weight", "gamma")) or ".norm" in name or "norm_" in name:

@@ -1,7 +1,8 @@
 """Random-weight checkpoints in the real layouts, so tests and the demo need no download.
 
-- official layout: our own modules (official parameter names), written as the released files are
-  (`diffusion_pytorch_model.safetensors`, `.pth` files read back through `torch.load(weights_only=True)`).
+- official layout: our own modules' parameter names (the official ones), in the released files and dtypes
+  (`diffusion_pytorch_model.safetensors`, sharded past 10 GB as the 14B's; `.pth` files read back through
+  `torch.load(weights_only=True)`), each tensor drawn as it is written, so a 14B checkpoint needs no 14B of RAM.
 - diffusers layout: diffusers' and transformers' own classes, written with their `save_pretrained`.
 `convert_to_official` rewrites any checkpoint we can read in the official layout, so both layouts can carry identical
 weights. Every writer builds in a temporary folder and renames it at the end: no half-written checkpoint is left.
@@ -11,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from wanrt.bench.common import random_like
 from wanrt.runtime.atomic import atomic_dir
 from wanrt.runtime.checkpoint import OFFICIAL_FILES, open_checkpoint
 from wanrt.runtime.config import CLIPConfig, TextConfig, Variant, VAEConfig, get_variant
@@ -23,26 +27,82 @@ from wanrt.runtime.config import CLIPConfig, TextConfig, Variant, VAEConfig, get
 from .tiny_tokenizer import write_tiny_tokenizer
 
 
-def random_states(variant: Variant, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Randomly initialised weights of every component, official names."""
+# The released files' dtypes (shared/reference/wan21.md): DiT fp32, umT5 bf16, VAE fp32, CLIP fp16.
+FILE_DTYPES = {"dit": torch.float32, "text": torch.bfloat16, "vae": torch.float32, "clip": torch.float16}
+# The 14B DiT ships in six shards of about 10 GB, the 1.3B one as a single file: past this size, shards.
+SHARD_BYTES = 10 * 2**30
+
+
+class RandomState(Mapping):
+    """One model's random weights (official names, the released dtype), each tensor drawn when it is read from a seed
+    of its own: the same values in any order, and a multi-GB model is written piece by piece, never held whole."""
+
+    def __init__(self, module_cls, cfg, dtype: torch.dtype, seed: int):
+        with torch.device("meta"):
+            self._meta = {k: t.to(dtype) for k, t in module_cls(cfg).state_dict().items()}
+        self._seed = seed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self._seed}/{name}".encode()))  # the CPU generator keeps 32 bits
+        return random_like(self._meta[name], name, "cpu", g)
+
+    def __iter__(self):
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
+def random_states(variant: Variant, seed: int) -> dict[str, RandomState]:
+    """Random weights of every component, official names, drawn as they are written."""
     from wanrt.runtime.clip import CLIPVision
     from wanrt.runtime.dit import WanDiT
     from wanrt.runtime.text import UMT5Encoder
     from wanrt.runtime.vae import WanVAE
 
-    torch.manual_seed(seed)
-    states = {"dit": WanDiT(variant.dit).state_dict(), "vae": WanVAE(variant.vae).state_dict(),
-              "text": UMT5Encoder(variant.text).state_dict()}
+    parts = {"dit": (WanDiT, variant.dit), "vae": (WanVAE, variant.vae), "text": (UMT5Encoder, variant.text)}
     if variant.clip is not None:
-        clip = CLIPVision(variant.clip)
-        with torch.no_grad():  # its cls/pos embeddings start at zero; give them values a trained model would have
-            clip.cls_embedding.normal_(std=0.02)
-            clip.pos_embedding.normal_(std=0.02)
-        states["clip"] = clip.state_dict()
-    return states
+        parts["clip"] = (CLIPVision, variant.clip)
+    return {part: RandomState(cls, cfg, FILE_DTYPES[part], seed * 8 + i)
+            for i, (part, (cls, cfg)) in enumerate(parts.items())}
 
 
-def write_official(out: str | Path, variant: Variant, states: dict[str, dict[str, torch.Tensor]],
+def save_sharded(state: Mapping[str, torch.Tensor], folder: Path, file: str, max_bytes: int = SHARD_BYTES) -> None:
+    """`file` (a .safetensors name) as one file, or, past `max_bytes`, as shards `stem-0000i-of-0000n.safetensors`
+    with the index `file.index.json` that the releases and diffusers use. One shard is in memory at a time."""
+    stem = file.removesuffix(".safetensors")
+    written = []  # (temporary path, names, bytes)
+    for group in _groups(state, max_bytes):
+        path = folder / f"{stem}.part{len(written)}"
+        save_file(group, path)
+        written.append((path, list(group), sum(t.nbytes for t in group.values())))
+        del group
+    if len(written) == 1:
+        written[0][0].rename(folder / file)
+        return
+    weight_map = {}
+    for i, (path, names, _) in enumerate(written, 1):
+        shard = f"{stem}-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(folder / shard)
+        weight_map.update(dict.fromkeys(names, shard))
+    index = {"metadata": {"total_size": sum(n for *_, n in written)}, "weight_map": weight_map}
+    (folder / f"{file}.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _groups(state: Mapping[str, torch.Tensor], max_bytes: int):
+    """The tensors of `state` in order, in groups of at most max_bytes (a larger tensor alone)."""
+    group, size = {}, 0
+    for name in state:
+        t = state[name].contiguous()
+        if group and size + t.nbytes > max_bytes:
+            yield group
+            group, size = {}, 0
+        group[name] = t
+        size += t.nbytes
+    yield group
+
+
+def write_official(out: str | Path, variant: Variant, states: dict[str, Mapping[str, torch.Tensor]],
                    tokenizer_dir: Path | None = None, safetensors: bool = False) -> Path:
     """Write `states` (official names) in the official Wan2.1 file layout; with `safetensors`, the VAE and text
     encoder too are safetensors files of the official stems (what the readers accept from small models of ours), and
@@ -59,12 +119,12 @@ def write_official(out: str | Path, variant: Variant, states: dict[str, dict[str
         if extra:
             config["wanrt"] = extra  # only non-standard (tiny) models need this; real checkpoints have none
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(_contiguous(states["dit"]), tmp / OFFICIAL_FILES["dit"])
+        save_sharded(states["dit"], tmp, OFFICIAL_FILES["dit"])
         for part in ("vae", "text"):
             if safetensors:
                 save_file(_contiguous(states[part]), tmp / Path(OFFICIAL_FILES[part]).with_suffix(".safetensors"))
             else:
-                torch.save(states[part], tmp / OFFICIAL_FILES[part])
+                torch.save(dict(states[part].items()), tmp / OFFICIAL_FILES[part])
         if "clip" in states:  # the official file holds the whole CLIP model; its vision tower sits under `visual.`
             torch.save({f"visual.{k}": v for k, v in states["clip"].items()}, tmp / OFFICIAL_FILES["clip"])
         tok = tmp / OFFICIAL_FILES["tokenizer"]
@@ -135,7 +195,7 @@ def write_random_checkpoint(out: str | Path, variant: str = "tiny-t2v", layout: 
     raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
 
 
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 

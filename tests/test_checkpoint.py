@@ -1,5 +1,4 @@
 """Readers for both layouts: same weights, diffusers parity through the readers, clear errors on bad files."""
-import json
 import shutil
 
 import pytest
@@ -7,10 +6,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wanrt.runtime.checkpoint import CheckpointError, open_checkpoint
+from wanrt.runtime.config import get_variant
 from wanrt.runtime.clip import CLIPVision
 from wanrt.runtime.dit import WanDiT
 from wanrt.runtime.text import UMT5Encoder
 from wanrt.runtime.vae import WanVAE
+from wanrt.testing.random_checkpoint import random_states, save_sharded, write_official
 
 pytest.importorskip("diffusers")
 
@@ -102,15 +103,30 @@ def test_sharded_official_dit_reads_like_single_file(checkpoints, tmp_path):
     shutil.copytree(src, dst)
     state = load_file(dst / "diffusion_pytorch_model.safetensors")
     (dst / "diffusion_pytorch_model.safetensors").unlink()
-    keys = sorted(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
-    for name, names in shards.items():
-        save_file({k: state[k] for k in names}, dst / name)
-    weight_map = {k: name for name, names in shards.items() for k in names}
-    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_sharded(state, dst, "diffusion_pytorch_model.safetensors", max_bytes=sum(t.nbytes for t in state.values()) // 3)
+    shards = sorted(p.name for p in dst.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) >= 3 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert not (dst / "diffusion_pytorch_model.safetensors").exists()
     got = open_checkpoint(dst).dit_state()
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_random_checkpoint_draws_each_tensor_alike_in_any_order_in_the_released_dtypes(tmp_path):
+    """`wanrt random-checkpoint` draws a tensor as it writes it (a full-size model never sits whole in RAM): the
+    values must not depend on the order they are read in, and the files hold the releases' dtypes."""
+    v = get_variant("tiny-t2v")
+    states = random_states(v, seed=3)
+    dit = states["dit"]
+    names = list(dit)
+    forward = {k: dit[k] for k in names}
+    backward = {k: dit[k] for k in reversed(names)}
+    assert all(torch.equal(forward[k], backward[k]) for k in names)
+    assert not torch.equal(random_states(v, seed=4)["dit"][names[0]], forward[names[0]])
+    ckpt = open_checkpoint(write_official(tmp_path / "ckpt", v, states))
+    got = ckpt.dit_state()
+    assert all(torch.equal(got[k], forward[k]) for k in names)
+    assert {t.dtype for t in got.values()} == {torch.float32}
+    assert {t.dtype for t in ckpt.text_state().values()} == {torch.bfloat16}
 
 
 def copy_of(checkpoints, tmp_path, task="t2v", layout="official"):
