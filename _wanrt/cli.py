@@ -278,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_calibrate_cache)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (tests and demos, no download)")
-    r.add_argument("--variant", default="tiny-t2v")
-    r.add_argument("--layout", choices=("official", "diffusers"), default="official")
+    r.add_argument("--variant", default="tiny-t2v", help="tiny-t2v, tiny-i2v, t2v-1.3B, t2v-14B or i2v-14B")
+    r.add_argument("--layout", choices=("official", "diffusers"), default="official",
+                   help="official (default: the released files and dtypes, each tensor drawn as it is written, so a "
+                   "full-size model needs ~12 GB of RAM, for umT5's file) or diffusers (built through diffusers' "
+                   "and transformers' own classes, in fp32: RAM for the whole model; needs the test extra)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="a new or empty folder")
     r.set_defaults(func=_random_checkpoint)

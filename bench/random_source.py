@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from wanrt.bench.common import random_state
-from wanrt.testing.tiny_tokenizer import write_tiny_tokenizer
+from wanrt.testing.tiny_tokenizer import RANDOM_VOCAB, write_tiny_tokenizer
 from wanrt.runtime.config import get_variant
 
 
@@ -29,7 +29,7 @@ class RandomSource:
 
     @cached_property
     def tokenizer_dir(self) -> Path:
-        return write_tiny_tokenizer(self.root / "tokenizer", 1000)  # ids < 1000 index the full 256k table
+        return write_tiny_tokenizer(self.root / "tokenizer", RANDOM_VOCAB)
 
     def _random(self, cls, cfg, dtype) -> dict[str, torch.Tensor]:
         if cls.__name__ not in self._states:

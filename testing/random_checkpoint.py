@@ -24,7 +24,7 @@ from wanrt.runtime.atomic import atomic_dir
 from wanrt.runtime.checkpoint import OFFICIAL_FILES, open_checkpoint
 from wanrt.runtime.config import CLIPConfig, TextConfig, Variant, VAEConfig, get_variant
 
-from .tiny_tokenizer import write_tiny_tokenizer
+from .tiny_tokenizer import RANDOM_VOCAB, write_tiny_tokenizer
 
 
 # The released files' dtypes (shared/reference/wan21.md): DiT fp32, umT5 bf16, VAE fp32, CLIP fp16.
@@ -131,7 +131,7 @@ def write_official(out: str | Path, variant: Variant, states: dict[str, Mapping[
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tok)
         else:
-            write_tiny_tokenizer(tok, variant.text.vocab)
+            write_tiny_tokenizer(tok, min(variant.text.vocab, RANDOM_VOCAB))
     return Path(out)
 
 
@@ -159,7 +159,7 @@ def write_diffusers(out: str | Path, variant: Variant, seed: int) -> Path:
             num_layers=t.num_layers, num_heads=t.num_heads, relative_attention_num_buckets=t.num_buckets,
             relative_attention_max_distance=t.max_distance, layer_norm_epsilon=t.eps,
             feed_forward_proj="gated-gelu")).save_pretrained(tmp / "text_encoder")
-        write_tiny_tokenizer(tmp / "tokenizer", t.vocab)
+        write_tiny_tokenizer(tmp / "tokenizer", min(t.vocab, RANDOM_VOCAB))
         UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
                                 ).save_pretrained(tmp / "scheduler")
         index = {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",

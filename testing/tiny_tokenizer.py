@@ -50,6 +50,11 @@ def corpus(n: int = 480) -> list[str]:
     return lines + words + [w + "." for w in words] + list(EXTRA)
 
 
+# The vocabulary of a random full-size checkpoint's tokenizer: its ids index the first rows of umT5's 256,384-row
+# table. Filling all 256k entries with sentinels would make the tokenizer take minutes to load.
+RANDOM_VOCAB = 1000
+
+
 def write_tiny_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Path:
     """Train the tiny unigram model and write a google/umt5-xxl style tokenizer folder; returns the folder.
 
