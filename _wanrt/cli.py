@@ -81,7 +81,7 @@ def _generate(args: argparse.Namespace) -> None:
         check_image(args.image)
     check_request(source.variant, image=args.image, prompt=args.prompt, neg_prompt=args.neg_prompt, **request)
     print("loading the weights", flush=True)
-    pipe = WanPipeline(source, device, options=options)
+    pipe = WanPipeline(source, device, options=options, request=dict(image=args.image, **request))
     if args.plan:
         print(pipe.describe_plan(image=args.image, **request))
         return

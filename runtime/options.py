@@ -156,6 +156,11 @@ class Request:
     base_seed: int
     denoising_step_list: tuple[int, ...] | None = None
 
+    @property
+    def few_step(self) -> bool:
+        """A distilled step list, or FEW_STEPS steps or fewer: step caches' constants do not describe such runs."""
+        return self.denoising_step_list is not None or self.sample_steps <= FEW_STEPS
+
 
 def parse_size(size: str) -> tuple[int, int]:
     """'W*H' (the official --size format) -> (W, H)."""

@@ -28,8 +28,8 @@ from .dit import WanDiT, keeps_fp32, pad_context
 from .engine import COMPILED_KINDS, CompiledBlock, is_engine, open_engine, variant_from_json
 from .cache import Residual, check_cache, magnitude_ratio, step_schedule
 from .lora import merge_loras, read_lora, side_factors, side_rank
-from .options import AUTO_ATTENTION, FEW_STEPS, Request, RunOptions, check_image, check_request, parse_size
-from .plan import Plan, PhasePlan, PlanError, make_plan, plan_phase
+from .options import AUTO_ATTENTION, Request, RunOptions, check_image, check_request, parse_cache, parse_size
+from .plan import UNLIMITED, Plan, PhasePlan, PlanError, make_plan, plan_phase
 from .sampler import cfg, default_neg_prompt, default_shift, make_solver
 from .stream import PinnedStore, make_store, make_streamer, split_blocks
 from .text import Tokenizer, UMT5Encoder, encode_text
@@ -129,7 +129,9 @@ class WanPipeline:
     VRAM budget."""
 
     def __init__(self, ckpt: Checkpoint, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 options: RunOptions | None = None, vae_dtype: torch.dtype | None = None):
+                 options: RunOptions | None = None, vae_dtype: torch.dtype | None = None, request: dict | None = None):
+        """`request` (generate's keywords): a generation to plan before any weight is read, refused at once
+        (PlanError, naming the smallest budget) if it cannot fit, rather than after loading and quantizing."""
         self.ckpt = ckpt
         self.device = resolve_device(device)
         options = options or RunOptions()
@@ -151,6 +153,8 @@ class WanPipeline:
         check_cache(self.cache, ckpt.variant)
         self.step_schedule = None  # the last generation's step cache schedule, if one ran
         self._calibration = None  # per-step magnitude ratios while calibrate_cache runs
+        if request is not None:
+            self.check_fits(**request)
 
         # Blocks go to pinned RAM while the RAM budget lasts (the DiT first: it is read ~100 times per video), else
         # they stay memory-mapped and are read from disk (or the page cache) as they stream.
@@ -226,6 +230,12 @@ class WanPipeline:
         budget = self.vram_budget if budget is None else budget
         return make_plan(self.variant, lat, steps, budget, self.dtype, self.vae_dtype, branches, cached)
 
+    def check_fits(self, image=None, **request) -> None:
+        """Plan this request (generate's keywords) as generate would, raising PlanError if it cannot fit the VRAM
+        budget. Reads no weights (a LoRA side path's few MiB are left out until generate plans again)."""
+        req, _, lat = self._request(image, **request)
+        self.plan(lat, req.sample_steps, branches=self._guidance(req)[1], cached=self._caches(req))
+
     def latent_shape(self, size: str, frame_num: int, image=None) -> tuple[int, int, int]:
         """(frames, height, width) of the latents; I2V keeps the image's aspect ratio under size's area."""
         v = self.variant
@@ -271,6 +281,10 @@ class WanPipeline:
             shift = default_shift(v.task, req.size) if v.name in VARIANTS else v.sample_shift
         return make_solver(req.sample_solver, req.sample_steps, shift, req.denoising_step_list)
 
+    def _caches(self, req: Request) -> bool:
+        """Whether a step cache runs for this request: one was set, and the run is not few-step or asked for it."""
+        return parse_cache(self.cache)[0] != "none" and (self._cache_asked or not req.few_step)
+
     def _step_schedule(self, req: Request, branches: int, timesteps: torch.Tensor):
         """The step cache's schedule for this request (runtime/cache.py), or None; TeaCache's needs the time
         projections of the timesteps, from the DiT's host weights. A few-step run (a distilled step list, or
@@ -278,11 +292,10 @@ class WanPipeline:
         def time_projection():
             with torch.no_grad():
                 return self.dit.embed_time(timesteps.float())[1]
-        few = req.denoising_step_list is not None or req.sample_steps <= FEW_STEPS
-        if few and not self._cache_asked:
+        if not self._caches(req):
             return None
         schedule = step_schedule(self.cache, self.variant, req.size, req.sample_steps, branches, time_projection)
-        if few and schedule is not None:
+        if req.few_step:
             warnings.warn(f"{schedule.method} on a {req.sample_steps}-step run computes {schedule.computed} of "
                           f"{schedule.passes} DiT passes: its constants describe 40-50-step schedules, where steps "
                           f"change the latents little (--cache none turns it off)", stacklevel=2)
@@ -499,7 +512,7 @@ def _store(blocks: list[dict], dtype_of, ram: int):
 def default_vram_budget(device: torch.device) -> int:
     """Free memory minus a margin for the CUDA context's growth and other processes; unlimited on the CPU."""
     if device.type != "cuda":
-        return 2**62
+        return UNLIMITED
     free, _ = torch.cuda.mem_get_info(device)
     return max(free - 512 * 2**20, 0)
 

@@ -38,6 +38,7 @@ from .vae import CausalCache, WanVAE, tile_overlap, tile_spans
 
 GiB = 2**30
 MiB = 2**20
+UNLIMITED = 2**62  # the budget of a device without a memory limit to plan for (the CPU)
 WORKSPACE = 48 * MiB  # cuBLAS workspaces (one per stream) + cuDNN/SDPA scratch + allocator rounding
 
 
@@ -216,7 +217,8 @@ class Plan:
         return max(p.peak_bytes for p in self.phases)
 
     def describe(self) -> str:
-        lines = [f"VRAM budget {fmt(self.budget)}, planned peak {fmt(self.peak_bytes)}"]
+        budget = "no VRAM budget (CPU)" if self.budget >= UNLIMITED else f"VRAM budget {fmt(self.budget)}"
+        lines = [f"{budget}, planned peak {fmt(self.peak_bytes)}"]
         return "\n".join(lines + ["  " + p.describe() for p in self.phases])
 
 

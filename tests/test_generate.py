@@ -12,6 +12,7 @@ from PIL import Image
 
 import wanrt
 from wanrt.cli import main
+from wanrt.runtime import pipeline
 from wanrt.runtime.video import read_mp4, to_uint8_frames
 
 PROMPT = "a red circle moves right on a blue background"
@@ -121,11 +122,17 @@ def test_console_script_is_installed(tmp_path):
     assert proc.returncode == 2 and "checkpoint directory not found" in proc.stderr
 
 
-def test_plan_flag_prints_the_plan_and_a_too_small_budget_is_refused(checkpoints, tmp_path, capsys):
+def test_plan_flag_prints_the_plan_and_a_too_small_budget_is_refused(checkpoints, tmp_path, capsys, monkeypatch):
     model = checkpoints["t2v", "official"]
     assert run_cli("--model", model, "--prompt", PROMPT, "--size", "64*64", "--frame_num", 17, "--plan") == 0
     out = capsys.readouterr().out
     assert "denoise" in out and "decode" in out and "host: DiT pinned RAM" in out
+    assert "no VRAM budget (CPU)" in out
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the budget was checked")
+
+    monkeypatch.setattr(pipeline, "split_blocks", no_weights)  # loading starts there: minutes for a 14B model
     assert run_cli("--model", model, "--prompt", PROMPT, "--vram-budget", "1MiB", "--out", tmp_path / "v.mp4") == 2
     err = capsys.readouterr().err
     assert "needs at least" in err and "--vram-budget" in err and "Traceback" not in err
