@@ -14,6 +14,7 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,13 +43,23 @@ def load_one(engine: str) -> dict:
     from wanrt.runtime.stream import PinnedStore
 
     before = rss()["RssAnon"]
+    peak, done = [before], threading.Event()
+
+    def sample():  # the anonymous peak: VmHWM also counts the mapped files' pages
+        while not done.wait(0.05):
+            peak.append(rss()["RssAnon"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     pipe = wanrt.load(engine, device="cpu", dtype=torch.bfloat16)
     seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
     stores = {name: (round(s.layout.nbytes * len(s) / GiB, 3) if isinstance(s, PinnedStore) else "memory-mapped")
               for name, s in (("dit", pipe.dit_store), ("umT5", pipe.text_store))}
-    return {"load_seconds": round(seconds, 1), "blocks in RAM (GiB)": stores, "rss_gib": rss(), "anon_before_load_gib": before,
-            "variant": pipe.variant.name,
+    return {"load_seconds": round(seconds, 1), "blocks in RAM (GiB)": stores, "rss_gib": rss(),
+            "anon_before_load_gib": before, "anon_peak_while_loading_gib": max(peak), "variant": pipe.variant.name,
             "options": dict(scheme=pipe.variant.dit.quant, text_scheme=pipe.variant.text.quant)}
 
 
@@ -81,14 +92,14 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     lines = ["| engine | scheme / text scheme | files (GiB) | DiT blocks | umT5 blocks | rest | blocks in RAM (GiB) "
-             "| RSS after load (GiB) | of it anonymous | anonymous before load | peak RSS while loading |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "| RSS after load (GiB) | of it anonymous | anonymous before load | peak anonymous while loading "
+             "| peak RSS while loading |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         f, o, m = r["files_gib"], r["options"], r["rss_gib"]
         ram = ", ".join(f"{k} {v}" for k, v in r["blocks in RAM (GiB)"].items())
         lines.append(f"| {r['engine']} | {o['scheme']} / {o['text_scheme']} | {f['total']} | {f['dit blocks']} | "
                      f"{f['umT5 blocks']} | {f['rest']} | {ram} | {m['VmRSS']} | {m['RssAnon']} | "
-                     f"{r['anon_before_load_gib']} | {m['VmHWM']} |")
+                     f"{r['anon_before_load_gib']} | {r['anon_peak_while_loading_gib']} | {m['VmHWM']} |")
     variants = ", ".join(sorted({r["variant"] for r in report["rows"]}))
     return (f"# Engine size and host RAM ({report['machine']})\n\nEngines of {variants} exported from a checkpoint of "
             f"`wanrt random-checkpoint` (the steps: experiments/engine_ram.py). {NOTE}\n\n`{report['command']}`\n\n"
@@ -96,9 +107,9 @@ def markdown(report: dict) -> str:
 
 
 NOTE = ("The blocks sit packed in RAM (pinned on a GPU machine) in their stored scheme; the rest (umT5's 2 GiB token "
-        "table, the VAE) stays memory-mapped until a phase reads it. 'Anonymous' is what the process holds; the peak "
-        "while loading also counts the engine files' pages mapped while their blocks are copied out (clean page "
-        "cache, which the kernel reclaims under pressure).")
+        "table, the VAE) stays memory-mapped until a phase reads it. 'Anonymous' is what the process holds (sampled "
+        "every 50 ms while loading); the peak RSS also counts the engine files' pages mapped while their blocks are "
+        "copied out (clean page cache, which the kernel reclaims under pressure).")
 
 
 if __name__ == "__main__":
