@@ -43,7 +43,8 @@ class RandomState(Mapping):
         self._seed = seed
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self._seed}/{name}".encode()))  # the CPU generator keeps 32 bits
+        # one 32-bit seed per tensor: the CPU generator keeps only 32 bits of a larger one
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self._seed}/{name}".encode()))
         return random_like(self._meta[name], name, "cpu", g)
 
     def __iter__(self):

@@ -103,7 +103,8 @@ def test_sharded_official_dit_reads_like_single_file(checkpoints, tmp_path):
     shutil.copytree(src, dst)
     state = load_file(dst / "diffusion_pytorch_model.safetensors")
     (dst / "diffusion_pytorch_model.safetensors").unlink()
-    save_sharded(state, dst, "diffusion_pytorch_model.safetensors", max_bytes=sum(t.nbytes for t in state.values()) // 3)
+    third = sum(t.nbytes for t in state.values()) // 3
+    save_sharded(state, dst, "diffusion_pytorch_model.safetensors", max_bytes=third)
     shards = sorted(p.name for p in dst.glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) >= 3 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
     assert not (dst / "diffusion_pytorch_model.safetensors").exists()
