@@ -53,6 +53,9 @@ class RandomState(Mapping):
     def __len__(self) -> int:
         return len(self._meta)
 
+    def numel(self) -> int:
+        return sum(t.numel() for t in self._meta.values())
+
 
 def random_states(variant: Variant, seed: int) -> dict[str, RandomState]:
     """Random weights of every component, official names, drawn as they are written."""
@@ -136,12 +139,25 @@ def write_official(out: str | Path, variant: Variant, states: dict[str, Mapping[
     return Path(out)
 
 
+def check_ram_for_fp32(variant: Variant) -> None:
+    """The diffusers layout builds each model whole in fp32: refuse in one line, before building, a variant whose
+    largest model (with a quarter more for saving it) does not fit the available RAM, rather than being OOM-killed."""
+    from wanrt.runtime.pipeline import available_ram
+
+    need = max(state.numel() for state in random_states(variant, 0).values()) * 5  # 4 bytes, and a quarter more
+    if need > available_ram():
+        raise ValueError(f"--layout diffusers builds {variant.name}'s models whole in fp32, which needs about "
+                         f"{need / 2**30:.0f} GiB of RAM; {available_ram() / 2**30:.0f} GiB is available. "
+                         "--layout official writes any size in about 12 GB")
+
+
 def write_diffusers(out: str | Path, variant: Variant, seed: int) -> Path:
     """Random weights through diffusers' / transformers' own classes and their save_pretrained."""
     import diffusers
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+    check_ram_for_fp32(variant)
     d, v, t, c = variant.dit, variant.vae, variant.text, variant.clip
     i2v = d.model_type == "i2v"
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ from wanrt.runtime.clip import CLIPVision
 from wanrt.runtime.dit import WanDiT
 from wanrt.runtime.text import UMT5Encoder
 from wanrt.runtime.vae import WanVAE
-from wanrt.testing.random_checkpoint import random_states, save_sharded, write_official
+from wanrt.testing.random_checkpoint import random_states, save_sharded, write_official, write_random_checkpoint
 
 pytest.importorskip("diffusers")
 
@@ -220,3 +220,13 @@ def test_a_dit_quantized_by_optimum_quanto_reads_as_our_int8(checkpoints, tmp_pa
     assert float((mine - theirs).norm() / theirs.norm()) < 5e-3  # w8a16 rounds activations to bf16, quanto not
     with pytest.raises(ValueError, match="stores int8 DiT blocks"):
         wanrt.load(root, device="cpu", scheme="fp8")
+
+
+def test_diffusers_layout_refuses_a_model_that_cannot_fit_in_ram(tmp_path, monkeypatch):
+    """It builds each model whole in fp32: one clear line instead of an OOM kill, and nothing written."""
+    from wanrt.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "available_ram", lambda: 2**30)
+    with pytest.raises(ValueError, match="layout official"):
+        write_random_checkpoint(tmp_path / "ckpt", "t2v-1.3B", layout="diffusers")
+    assert not any(tmp_path.iterdir())
