@@ -15,7 +15,8 @@ a row whose options change the model traces anew; the warm-up and the timed gene
 few-step rows report their final latents' relative error and their frames' PSNR against their group's uncached
 50-step row (random weights: a weak signal of fidelity, stated as such).
 
-    python -m experiments.features_bench --variant t2v-1.3B --groups options,peer --skip "scheme nf4" --out DIR/opt
+    python -m experiments.features_bench --variant t2v-1.3B --groups options,lora,peer \\
+        --skip "scheme nf4,rank-64 LoRA merged" --out DIR/opt
     python -m experiments.features_bench --variant t2v-1.3B --groups options,steps50 --out DIR/features_13b
     python -m experiments.features_bench --variant t2v-1.3B --groups lora,small --skip diffusers --out DIR/lora_13b
     python -m experiments.features_bench --variant t2v-14B --groups steps50 --vram-budget 8GiB --link-gbps 23 \\
