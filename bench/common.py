@@ -67,7 +67,8 @@ def time_it(fn, warmup: int = 1, runs: int = 3) -> dict:
 
 def random_like(t: torch.Tensor, name: str, device: str = "cuda",
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random values of a trained-looking scale for a parameter of this name and shape (generated on the GPU)."""
+    """Random values of a trained-looking scale for a parameter of this name and shape, drawn on `device` (from
+    `generator` if given)."""
     x = torch.randn(t.shape, device=device, dtype=torch.float32, generator=generator)
     if t.ndim >= 2:
         x *= 1 / math.sqrt(math.prod(t.shape[1:]))
